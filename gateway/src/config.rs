@@ -1,0 +1,808 @@
+//! Configuration: TOML file → [`RawConfig`] (unknown keys rejected) → checked [`Config`].
+//!
+//! The same pipeline serves `edgegate run`, `edgegate check-config`, the package's
+//! `ExecStartPre` and Ansible's `validate:`. Environment variables with the
+//! `EDGEGATE_` prefix override scalar keys, with `__` between section and key
+//! (`EDGEGATE_LIMITS__MAX_CLIENTS=50000`). Every key is documented in
+//! `docs/config.md`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where `edgegate run` and `edgegate check-config` look without `--config`.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/edgegate/edgegate.toml";
+
+/// Everything that can be wrong with a configuration. Each variant names the
+/// file and, where it can, the line or key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Syntax errors and unknown or mistyped keys, with line and column.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value that parsed but makes no sense (`key` is the dotted key).
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+// ---------------------------------------------------------------------------
+// Raw file structs: exactly what the TOML holds.
+// ---------------------------------------------------------------------------
+
+/// The file as written, before any checking.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub runtime: RawRuntime,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub listener: Vec<RawListener>,
+    #[serde(default)]
+    pub route: Vec<RawRoute>,
+    #[serde(default)]
+    pub service: Vec<RawService>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub heartbeat: RawHeartbeat,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub drain: RawDrain,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRuntime {
+    /// 0 means "one less than the number of cores, at least 1".
+    pub worker_threads: usize,
+}
+
+impl Default for RawRuntime {
+    fn default() -> Self {
+        Self { worker_threads: 0 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub bind: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: String,
+    pub bind: String,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+    pub tls_cert_path: PathBuf,
+    pub tls_key_path: PathBuf,
+}
+
+fn default_protocol() -> String {
+    "websocket".into()
+}
+
+fn default_backlog() -> u32 {
+    4096
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub listener: String,
+    pub path: String,
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub name: String,
+    pub addresses: Vec<String>,
+    #[serde(default = "default_links")]
+    pub links: usize,
+    #[serde(default = "default_link_queue_frames")]
+    pub link_queue_frames: usize,
+    #[serde(default = "default_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+    #[serde(default = "default_link_ping_interval_secs")]
+    pub ping_interval_secs: u64,
+    #[serde(default = "default_link_ping_timeout_secs")]
+    pub ping_timeout_secs: u64,
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+fn default_links() -> usize {
+    2
+}
+fn default_link_queue_frames() -> usize {
+    4096
+}
+fn default_connect_timeout_secs() -> u64 {
+    5
+}
+fn default_link_ping_interval_secs() -> u64 {
+    10
+}
+fn default_link_ping_timeout_secs() -> u64 {
+    30
+}
+fn default_reconnect_min_ms() -> u64 {
+    100
+}
+fn default_reconnect_max_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_clients: usize,
+    pub handshake_permits: usize,
+    pub handshake_timeout_secs: u64,
+    pub upgrade_timeout_secs: u64,
+    pub max_message_bytes: usize,
+    pub outbound_queue_messages: usize,
+    pub slow_reader_policy: String,
+    pub write_timeout_secs: u64,
+    pub link_backpressure_timeout_secs: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_clients: 100_000,
+            handshake_permits: 256,
+            handshake_timeout_secs: 10,
+            upgrade_timeout_secs: 10,
+            max_message_bytes: 64 * 1024,
+            outbound_queue_messages: 256,
+            slow_reader_policy: "drop_oldest".into(),
+            write_timeout_secs: 10,
+            link_backpressure_timeout_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHeartbeat {
+    pub ping_interval_secs: u64,
+    pub ping_timeout_secs: u64,
+}
+
+impl Default for RawHeartbeat {
+    fn default() -> Self {
+        Self {
+            ping_interval_secs: 30,
+            ping_timeout_secs: 75,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    pub mode: String,
+    pub jwt_algorithm: Option<String>,
+    pub jwt_key_path: Option<PathBuf>,
+    pub jwt_audience: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_leeway_secs: u64,
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self {
+            mode: "none".into(),
+            jwt_algorithm: None,
+            jwt_key_path: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_leeway_secs: 30,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDrain {
+    pub drain_window_secs: u64,
+}
+
+impl Default for RawDrain {
+    fn default() -> Self {
+        Self {
+            drain_window_secs: 30,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checked config: typed, cross-referenced, files readable.
+// ---------------------------------------------------------------------------
+
+/// A configuration that passed every check.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for reload and messages.
+    pub path: PathBuf,
+    pub runtime: RuntimeConfig,
+    pub admin_bind: SocketAddr,
+    pub listeners: Vec<ListenerConfig>,
+    pub services: Vec<ServiceConfig>,
+    pub limits: Limits,
+    pub heartbeat: Heartbeat,
+    pub auth: AuthConfig,
+    /// Spread of the 1001 closes on SIGTERM.
+    pub drain_window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Resolved worker count (never 0).
+    pub worker_threads: usize,
+}
+
+/// What a listener speaks after TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    WebSocket,
+    Framed,
+}
+
+impl Protocol {
+    /// Metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::WebSocket => "websocket",
+            Protocol::Framed => "framed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub protocol: Protocol,
+    pub backlog: u32,
+    pub tls_cert_path: PathBuf,
+    pub tls_key_path: PathBuf,
+    /// Path → index into [`Config::services`].
+    pub routes: HashMap<String, usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub links: usize,
+    pub link_queue_frames: usize,
+    pub connect_timeout: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+/// What happens when a client's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowReaderPolicy {
+    /// Drop the oldest queued message and count it.
+    DropOldest,
+    /// Close the client with 1008 (policy violation).
+    Close,
+}
+
+impl SlowReaderPolicy {
+    /// Metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlowReaderPolicy::DropOldest => "drop_oldest",
+            SlowReaderPolicy::Close => "close",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_clients: usize,
+    pub handshake_permits: usize,
+    pub handshake_timeout: Duration,
+    pub upgrade_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub outbound_queue_messages: usize,
+    pub slow_reader_policy: SlowReaderPolicy,
+    pub write_timeout: Duration,
+    pub link_backpressure_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+}
+
+/// JWT algorithms EdgeGate verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    Hs256,
+    Rs256,
+    Es256,
+    EdDsa,
+}
+
+#[derive(Debug, Clone)]
+pub enum AuthMode {
+    /// Every client is accepted with empty claims (demo and tests).
+    None,
+    Jwt {
+        algorithm: JwtAlgorithm,
+        key_path: PathBuf,
+        /// The key file's bytes, read at check time so a reload sees the new key.
+        key: Vec<u8>,
+        audience: String,
+        issuer: Option<String>,
+        leeway_secs: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Empty allows any Origin, including none.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Config {
+    /// Reads, parses and checks the file at `path`, applying `EDGEGATE_`
+    /// environment overrides.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, and the line or key, of the first problem.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(path, &text, std::env::vars())
+    }
+
+    /// The pipeline behind [`Config::load`], with the text and the environment
+    /// passed in so tests control both.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn from_toml(
+        path: &Path,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        // First pass with `toml` alone: its errors carry line, column and key.
+        toml::from_str::<RawConfig>(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("EDGEGATE_"))
+            .collect();
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("EDGEGATE")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(env)),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("with EDGEGATE_ environment overrides: {e}"),
+            })?;
+        check(path, raw)
+    }
+}
+
+fn invalid(path: &Path, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn secs(path: &Path, key: &str, value: u64) -> Result<Duration, ConfigError> {
+    if value == 0 {
+        return Err(invalid(path, key, "must be at least 1"));
+    }
+    Ok(Duration::from_secs(value))
+}
+
+fn readable(path: &Path, key: &str, file: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(file).map_err(|e| invalid(path, key, format!("{}: {e}", file.display())))
+}
+
+/// Turns the raw file into a checked [`Config`].
+fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let worker_threads = match raw.runtime.worker_threads {
+        0 => default_worker_threads(),
+        n => n,
+    };
+
+    let admin_bind = raw
+        .admin
+        .bind
+        .parse()
+        .map_err(|e| invalid(path, "admin.bind", format!("{:?}: {e}", raw.admin.bind)))?;
+
+    let mut services = Vec::new();
+    let mut service_index = HashMap::new();
+    for (i, s) in raw.service.iter().enumerate() {
+        let key = |k: &str| format!("service[{i}].{k}");
+        if s.name.is_empty() {
+            return Err(invalid(path, key("name"), "must not be empty"));
+        }
+        if service_index.insert(s.name.clone(), i).is_some() {
+            return Err(invalid(path, key("name"), format!("duplicate service {:?}", s.name)));
+        }
+        if s.addresses.is_empty() {
+            return Err(invalid(path, key("addresses"), "needs at least one host:port"));
+        }
+        for a in &s.addresses {
+            if a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                return Err(invalid(path, key("addresses"), format!("{a:?} is not host:port")));
+            }
+        }
+        if s.links == 0 || s.links > 1024 {
+            return Err(invalid(path, key("links"), "must be between 1 and 1024"));
+        }
+        if s.link_queue_frames == 0 {
+            return Err(invalid(path, key("link_queue_frames"), "must be at least 1"));
+        }
+        if s.reconnect_min_ms == 0 || s.reconnect_max_ms < s.reconnect_min_ms {
+            return Err(invalid(
+                path,
+                key("reconnect_max_ms"),
+                "needs 0 < reconnect_min_ms <= reconnect_max_ms",
+            ));
+        }
+        if s.ping_timeout_secs <= s.ping_interval_secs {
+            return Err(invalid(
+                path,
+                key("ping_timeout_secs"),
+                "must be longer than ping_interval_secs",
+            ));
+        }
+        services.push(ServiceConfig {
+            name: s.name.clone(),
+            addresses: s.addresses.clone(),
+            links: s.links,
+            link_queue_frames: s.link_queue_frames,
+            connect_timeout: secs(path, &key("connect_timeout_secs"), s.connect_timeout_secs)?,
+            ping_interval: secs(path, &key("ping_interval_secs"), s.ping_interval_secs)?,
+            ping_timeout: secs(path, &key("ping_timeout_secs"), s.ping_timeout_secs)?,
+            reconnect_min: Duration::from_millis(s.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(s.reconnect_max_ms),
+        });
+    }
+
+    if raw.listener.is_empty() {
+        return Err(invalid(path, "listener", "at least one [[listener]] is needed"));
+    }
+    let mut listeners: Vec<ListenerConfig> = Vec::new();
+    let mut binds = HashSet::new();
+    for (i, l) in raw.listener.iter().enumerate() {
+        let key = |k: &str| format!("listener[{i}].{k}");
+        if l.name.is_empty() || listeners.iter().any(|o| o.name == l.name) {
+            return Err(invalid(path, key("name"), "must be unique and not empty"));
+        }
+        let bind: SocketAddr = l
+            .bind
+            .parse()
+            .map_err(|e| invalid(path, key("bind"), format!("{:?}: {e}", l.bind)))?;
+        if !binds.insert(bind) || bind == admin_bind {
+            return Err(invalid(path, key("bind"), format!("{bind} is used twice")));
+        }
+        let protocol = match l.protocol.as_str() {
+            "websocket" => Protocol::WebSocket,
+            "framed" => Protocol::Framed,
+            other => {
+                return Err(invalid(
+                    path,
+                    key("protocol"),
+                    format!("{other:?}: expected \"websocket\" or \"framed\""),
+                ))
+            }
+        };
+        if l.backlog == 0 {
+            return Err(invalid(path, key("backlog"), "must be at least 1"));
+        }
+        readable(path, &key("tls_cert_path"), &l.tls_cert_path)?;
+        readable(path, &key("tls_key_path"), &l.tls_key_path)?;
+        listeners.push(ListenerConfig {
+            name: l.name.clone(),
+            bind,
+            protocol,
+            backlog: l.backlog,
+            tls_cert_path: l.tls_cert_path.clone(),
+            tls_key_path: l.tls_key_path.clone(),
+            routes: HashMap::new(),
+        });
+    }
+
+    for (i, r) in raw.route.iter().enumerate() {
+        let key = |k: &str| format!("route[{i}].{k}");
+        let Some(listener) = listeners.iter_mut().find(|l| l.name == r.listener) else {
+            return Err(invalid(path, key("listener"), format!("no listener named {:?}", r.listener)));
+        };
+        let Some(&service) = service_index.get(&r.service) else {
+            return Err(invalid(path, key("service"), format!("no service named {:?}", r.service)));
+        };
+        if !r.path.starts_with('/') {
+            return Err(invalid(path, key("path"), "must start with '/'"));
+        }
+        if listener.routes.insert(r.path.clone(), service).is_some() {
+            return Err(invalid(path, key("path"), format!("{:?} is routed twice", r.path)));
+        }
+    }
+
+    let l = &raw.limits;
+    if l.max_clients == 0 {
+        return Err(invalid(path, "limits.max_clients", "must be at least 1"));
+    }
+    if l.handshake_permits == 0 {
+        return Err(invalid(path, "limits.handshake_permits", "must be at least 1"));
+    }
+    if l.max_message_bytes < 125 || l.max_message_bytes > 64 << 20 {
+        return Err(invalid(
+            path,
+            "limits.max_message_bytes",
+            "must be between 125 and 67108864",
+        ));
+    }
+    if l.outbound_queue_messages == 0 {
+        return Err(invalid(path, "limits.outbound_queue_messages", "must be at least 1"));
+    }
+    let slow_reader_policy = match l.slow_reader_policy.as_str() {
+        "drop_oldest" => SlowReaderPolicy::DropOldest,
+        "close" => SlowReaderPolicy::Close,
+        other => {
+            return Err(invalid(
+                path,
+                "limits.slow_reader_policy",
+                format!("{other:?}: expected \"drop_oldest\" or \"close\""),
+            ))
+        }
+    };
+    let limits = Limits {
+        max_clients: l.max_clients,
+        handshake_permits: l.handshake_permits,
+        handshake_timeout: secs(path, "limits.handshake_timeout_secs", l.handshake_timeout_secs)?,
+        upgrade_timeout: secs(path, "limits.upgrade_timeout_secs", l.upgrade_timeout_secs)?,
+        max_message_bytes: l.max_message_bytes,
+        outbound_queue_messages: l.outbound_queue_messages,
+        slow_reader_policy,
+        write_timeout: secs(path, "limits.write_timeout_secs", l.write_timeout_secs)?,
+        link_backpressure_timeout: secs(
+            path,
+            "limits.link_backpressure_timeout_secs",
+            l.link_backpressure_timeout_secs,
+        )?,
+    };
+
+    let h = &raw.heartbeat;
+    if h.ping_timeout_secs <= h.ping_interval_secs {
+        return Err(invalid(
+            path,
+            "heartbeat.ping_timeout_secs",
+            "must be longer than heartbeat.ping_interval_secs",
+        ));
+    }
+    let heartbeat = Heartbeat {
+        ping_interval: secs(path, "heartbeat.ping_interval_secs", h.ping_interval_secs)?,
+        ping_timeout: secs(path, "heartbeat.ping_timeout_secs", h.ping_timeout_secs)?,
+    };
+
+    let a = &raw.auth;
+    let mode = match a.mode.as_str() {
+        "none" => AuthMode::None,
+        "jwt" => {
+            let algorithm = match a.jwt_algorithm.as_deref() {
+                Some("HS256") => JwtAlgorithm::Hs256,
+                Some("RS256") => JwtAlgorithm::Rs256,
+                Some("ES256") => JwtAlgorithm::Es256,
+                Some("EdDSA") => JwtAlgorithm::EdDsa,
+                other => {
+                    return Err(invalid(
+                        path,
+                        "auth.jwt_algorithm",
+                        format!("{other:?}: expected \"HS256\", \"RS256\", \"ES256\" or \"EdDSA\""),
+                    ))
+                }
+            };
+            let key_path = a
+                .jwt_key_path
+                .clone()
+                .ok_or_else(|| invalid(path, "auth.jwt_key_path", "required when mode = \"jwt\""))?;
+            let key = readable(path, "auth.jwt_key_path", &key_path)?;
+            let audience = a
+                .jwt_audience
+                .clone()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| invalid(path, "auth.jwt_audience", "required when mode = \"jwt\""))?;
+            AuthMode::Jwt {
+                algorithm,
+                key_path,
+                key,
+                audience,
+                issuer: a.jwt_issuer.clone().filter(|s| !s.is_empty()),
+                leeway_secs: a.jwt_leeway_secs,
+            }
+        }
+        other => {
+            return Err(invalid(
+                path,
+                "auth.mode",
+                format!("{other:?}: expected \"none\" or \"jwt\""),
+            ))
+        }
+    };
+    let auth = AuthConfig {
+        mode,
+        allowed_origins: a.allowed_origins.clone(),
+    };
+    // Fail now, not at the first client, if the key does not parse.
+    crate::auth::Authenticator::new(&auth).map_err(|e| invalid(path, "auth.jwt_key_path", e.to_string()))?;
+
+    Ok(Config {
+        path: path.to_owned(),
+        runtime: RuntimeConfig { worker_threads },
+        admin_bind,
+        listeners,
+        services,
+        limits,
+        heartbeat,
+        auth,
+        drain_window: Duration::from_secs(raw.drain.drain_window_secs),
+    })
+}
+
+/// One less than the number of cores, at least 1: the kernel's network
+/// processing (softirq) needs a core too, and production found fairness
+/// better with it left free.
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1).max(1))
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_cert_pair(dir: &Path) -> (PathBuf, PathBuf) {
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        std::fs::write(&cert, "not checked here").unwrap();
+        std::fs::write(&key, "not checked here").unwrap();
+        (cert, key)
+    }
+
+    fn sample(dir: &Path) -> String {
+        let (cert, key) = write_cert_pair(dir);
+        format!(
+            r#"
+[[listener]]
+name = "public"
+bind = "127.0.0.1:0"
+tls_cert_path = "{}"
+tls_key_path = "{}"
+
+[[route]]
+listener = "public"
+path = "/echo"
+service = "example"
+
+[[service]]
+name = "example"
+addresses = ["127.0.0.1:7000"]
+"#,
+            cert.display(),
+            key.display()
+        )
+    }
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("edgegate-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let dir = tempdir("minimal");
+        let c = Config::from_toml(Path::new("t.toml"), &sample(&dir), []).unwrap();
+        assert_eq!(c.limits.max_clients, 100_000);
+        assert_eq!(c.limits.slow_reader_policy, SlowReaderPolicy::DropOldest);
+        assert_eq!(c.listeners[0].routes.get("/echo"), Some(&0));
+        assert_eq!(c.services[0].links, 2);
+        assert!(c.runtime.worker_threads >= 1);
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_its_line() {
+        let dir = tempdir("unknown");
+        let text = format!("{}\n[limits]\nmax_clientz = 5\n", sample(&dir));
+        let err = Config::from_toml(Path::new("t.toml"), &text, []).unwrap_err().to_string();
+        assert!(err.contains("max_clientz"), "{err}");
+        assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_scalar_keys() {
+        let dir = tempdir("env");
+        let env = [("EDGEGATE_LIMITS__MAX_CLIENTS".to_string(), "42".to_string())];
+        let c = Config::from_toml(Path::new("t.toml"), &sample(&dir), env).unwrap();
+        assert_eq!(c.limits.max_clients, 42);
+    }
+
+    #[test]
+    fn route_to_unknown_service_names_the_key() {
+        let dir = tempdir("route");
+        let text = sample(&dir).replace("service = \"example\"", "service = \"nope\"");
+        let err = Config::from_toml(Path::new("t.toml"), &text, []).unwrap_err().to_string();
+        assert!(err.contains("route[0].service"), "{err}");
+    }
+
+    #[test]
+    fn missing_certificate_file_is_an_error() {
+        let dir = tempdir("cert");
+        let text = sample(&dir).replace("cert.pem", "absent.pem");
+        let err = Config::from_toml(Path::new("t.toml"), &text, []).unwrap_err().to_string();
+        assert!(err.contains("listener[0].tls_cert_path"), "{err}");
+    }
+
+    #[test]
+    fn shipped_example_config_parses() {
+        // The shipped file points at Debian's snakeoil pair, which may be absent
+        // here: only the parse and key checks are exercised.
+        let text = include_str!("../config/edgegate.toml");
+        toml::from_str::<RawConfig>(text).unwrap();
+    }
+}

@@ -1,0 +1,133 @@
+//! `edgegate demo`: a gateway with a fresh self-signed certificate and the
+//! example service over a real TCP link, on loopback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+
+/// Demo ports, overridable on the command line.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub client_addr: SocketAddr,
+    pub service_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("writing demo files in {dir}: {source}")]
+    Files { dir: PathBuf, source: std::io::Error },
+    #[error("generating a certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("example service: bind {addr}: {source}")]
+    Service { addr: SocketAddr, source: std::io::Error },
+    #[error("demo config: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Start(#[from] crate::gateway::StartError),
+}
+
+/// Writes the demo's certificate and config into `dir` and returns the
+/// checked config: the demo runs the same pipeline as `edgegate run`.
+///
+/// # Errors
+/// [`DemoError`] when files cannot be written or the config does not check.
+pub fn demo_config(dir: &std::path::Path, opts: &DemoOptions) -> Result<Config, DemoError> {
+    let files = |source| DemoError::Files { dir: dir.to_owned(), source };
+    std::fs::create_dir_all(dir).map_err(files)?;
+    let (cert, key) = crate::tls::self_signed()?;
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, cert).map_err(files)?;
+    std::fs::write(&key_path, key).map_err(files)?;
+    let text = format!(
+        r#"
+[admin]
+bind = "{admin}"
+
+[[listener]]
+name = "demo"
+bind = "{client}"
+protocol = "websocket"
+backlog = 1024
+tls_cert_path = "{cert}"
+tls_key_path = "{key}"
+
+[[route]]
+listener = "demo"
+path = "/echo"
+service = "example"
+
+[[route]]
+listener = "demo"
+path = "/chat"
+service = "example"
+
+[[service]]
+name = "example"
+addresses = ["{service}"]
+links = 2
+
+[limits]
+max_clients = 10000
+"#,
+        admin = opts.admin_addr,
+        client = opts.client_addr,
+        service = opts.service_addr,
+        cert = cert_path.display(),
+        key = key_path.display(),
+    );
+    let path = dir.join("edgegate.toml");
+    std::fs::write(&path, &text).map_err(files)?;
+    Ok(Config::from_toml(&path, &text, std::iter::empty())?)
+}
+
+/// Runs the demo until Ctrl-C.
+///
+/// # Errors
+/// [`DemoError`] when a port is taken or the files cannot be written.
+pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
+    let dir = std::env::temp_dir().join(format!("edgegate-demo-{}", std::process::id()));
+    let config = demo_config(&dir, &opts)?;
+    let service_listener = TcpListener::bind(opts.service_addr)
+        .await
+        .map_err(|source| DemoError::Service { addr: opts.service_addr, source })?;
+    let stop = CancellationToken::new();
+    let service = tokio::spawn(edgegate_link::example::run_example_service(service_listener, stop.clone()));
+    let gateway = Gateway::start(&config).await?;
+    // Give the links a moment so the first client does not meet "no link".
+    for _ in 0..50 {
+        if gateway.is_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr = gateway.local_addr("demo").unwrap_or(opts.client_addr);
+    println!(
+        "EdgeGate demo is running.\n\
+         \n  clients:  wss://{addr}/echo  (every message comes back through the example service)\
+         \n            wss://{addr}/chat  (every message goes to every /chat client)\
+         \n  service:  example service on {service} (link protocol, {links} links)\
+         \n  files:    {dir} (self-signed certificate, config)\
+         \n\nTry it (the certificate is self-signed, hence --insecure / -k):\
+         \n  websocat --insecure wss://{addr}/echo\
+         \n  python3 -c 'import ssl,websocket; ws=websocket.create_connection(\"wss://{addr}/echo\", sslopt={{\"cert_reqs\": ssl.CERT_NONE}}); ws.send(\"hi\"); print(ws.recv())'\
+         \n\nCtrl-C stops it.",
+        service = opts.service_addr,
+        links = config.services[0].links,
+        dir = dir.display(),
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    gateway.shutdown(Duration::from_millis(500)).await;
+    stop.cancel();
+    let _ = service.await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

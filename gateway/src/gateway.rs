@@ -1,0 +1,409 @@
+//! The assembled gateway: listeners, link pools, shared state; start, reload
+//! and drain.
+//!
+//! Teardown order (drain): stop accepting → close clients with 1001 spread
+//! over the drain window in random order → wait for their sessions to end
+//! (each tells its service) → stop links (Goaway after what is queued).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use rand::seq::SliceRandom;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::auth::Authenticator;
+use crate::client::CloseReason;
+use crate::config::{Config, Heartbeat, Limits};
+use crate::link::{spawn_pool, ServicePool};
+use crate::listener::{accept_loop, bind, ListenerCtx};
+use crate::metrics::Metrics;
+use crate::registry::ClientRegistry;
+use crate::tls::{server_config, ReloadableAcceptor, TlsError};
+use crate::topics::Topics;
+
+/// WebSocket read buffer per client. tungstenite allocates it eagerly and
+/// keeps it for the client's life; its 128 KiB default would be ~25× the
+/// whole per-client budget. Larger messages still arrive (the buffer grows
+/// while a big frame is read), they just take more reads.
+pub const WS_READ_BUFFER_BYTES: usize = 1024;
+
+/// Drain closes are issued in steps of this length.
+const DRAIN_TICK: Duration = Duration::from_millis(10);
+
+/// Settings a reload may change; each client keeps the snapshot it started with.
+#[derive(Debug)]
+pub struct Settings {
+    pub limits: Limits,
+    pub heartbeat: Heartbeat,
+    pub auth: Authenticator,
+    pub ws_config: WebSocketConfig,
+}
+
+impl Settings {
+    /// # Errors
+    /// When the auth key does not parse.
+    pub fn from_config(config: &Config) -> Result<Self, crate::auth::KeyError> {
+        let max = config.limits.max_message_bytes;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER_BYTES)
+            // Write each message through at once: no per-client write buffer
+            // is kept waiting for more.
+            .write_buffer_size(0)
+            .max_write_buffer_size(max + 1024)
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max))
+            .accept_unmasked_frames(false);
+        Ok(Self {
+            limits: config.limits.clone(),
+            heartbeat: config.heartbeat.clone(),
+            auth: Authenticator::new(&config.auth)?,
+            ws_config,
+        })
+    }
+}
+
+/// State every client task, link and the accept loops share.
+#[derive(Debug)]
+pub struct Shared {
+    pub metrics: Metrics,
+    pub clients: ClientRegistry,
+    pub topics: Topics,
+    settings: RwLock<Arc<Settings>>,
+    /// TCP connections held (handshaking or in session), against `max_clients`.
+    connections: AtomicUsize,
+    max_clients: AtomicUsize,
+    next_id: AtomicU64,
+    draining: AtomicBool,
+}
+
+impl Shared {
+    /// The current settings (a cheap `Arc` clone).
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts a new connection unless `max_clients` is reached.
+    pub fn try_take_connection(&self) -> bool {
+        let max = self.max_clients.load(Ordering::Relaxed);
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    pub fn release_connection(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Connections held, handshaking or in session.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener {name}: bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener {name}: {source}")]
+    Tls { name: String, source: TlsError },
+    #[error("{0}")]
+    Auth(#[from] crate::auth::KeyError),
+    #[error("listener {name}: protocol \"framed\" is not available in this build")]
+    Protocol { name: String },
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+    registry: Registry,
+    listeners: Vec<(Arc<ListenerCtx>, SocketAddr)>,
+    pools: Vec<Arc<ServicePool>>,
+    permits: Arc<Semaphore>,
+    permit_count: AtomicUsize,
+    accept_stop: CancellationToken,
+    link_stop: CancellationToken,
+    accept_tasks: Vec<JoinHandle<()>>,
+    link_tasks: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Binds every listener, starts the link pools and the accept loops.
+    /// Listeners configured on port 0 get an ephemeral port: see
+    /// [`Gateway::local_addr`].
+    ///
+    /// # Errors
+    /// [`StartError`] when a listener cannot bind or its certificate is unusable.
+    pub async fn start(config: &Config) -> Result<Gateway, StartError> {
+        let tls_configs = config
+            .listeners
+            .iter()
+            .map(|l| {
+                server_config(&l.tls_cert_path, &l.tls_key_path).map_err(|source| StartError::Tls {
+                    name: l.name.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::start_with_tls(config, tls_configs).await
+    }
+
+    /// As [`Gateway::start`], with the TLS configs already built (one per
+    /// listener, in order): the demo's generated certificate takes this path.
+    ///
+    /// # Errors
+    /// As [`Gateway::start`].
+    pub async fn start_with_tls(config: &Config, tls_configs: Vec<rustls::ServerConfig>) -> Result<Gateway, StartError> {
+        let mut registry = Registry::default();
+        let service_names: Vec<String> = config.services.iter().map(|s| s.name.clone()).collect();
+        let metrics = Metrics::new(&mut registry, &service_names);
+        let shared = Arc::new(Shared {
+            metrics,
+            clients: ClientRegistry::default(),
+            topics: Topics::default(),
+            settings: RwLock::new(Arc::new(Settings::from_config(config)?)),
+            connections: AtomicUsize::new(0),
+            max_clients: AtomicUsize::new(config.limits.max_clients),
+            next_id: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+        });
+
+        // Bind everything before starting anything, so a bind error leaves nothing running.
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            if l.protocol != crate::config::Protocol::WebSocket {
+                return Err(StartError::Protocol { name: l.name.clone() });
+            }
+            let listener = bind(l.bind, l.backlog).map_err(|source| StartError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
+            bound.push(listener);
+        }
+
+        let link_stop = CancellationToken::new();
+        let gateway_name: Arc<str> = Arc::from(gateway_name().as_str());
+        let mut pools = Vec::new();
+        let mut link_tasks = Vec::new();
+        for s in &config.services {
+            let (pool, tasks) = spawn_pool(s.clone(), gateway_name.clone(), shared.clone(), link_stop.clone());
+            pools.push(pool);
+            link_tasks.extend(tasks);
+        }
+
+        let permits = Arc::new(Semaphore::new(config.limits.handshake_permits));
+        let accept_stop = CancellationToken::new();
+        let mut listeners = Vec::new();
+        let mut accept_tasks = Vec::new();
+        for ((l, listener), tls) in config.listeners.iter().zip(bound).zip(tls_configs) {
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
+            let ctx = Arc::new(ListenerCtx {
+                name: l.name.clone(),
+                protocol: l.protocol,
+                routes: l.routes.clone(),
+                services: pools.clone(),
+                tls: ReloadableAcceptor::new(tls),
+                shared: shared.clone(),
+            });
+            info!(listener = %l.name, %addr, protocol = l.protocol.as_str(), backlog = l.backlog, "listening");
+            accept_tasks.push(tokio::spawn(accept_loop(
+                listener,
+                ctx.clone(),
+                permits.clone(),
+                accept_stop.clone(),
+            )));
+            listeners.push((ctx, addr));
+        }
+
+        Ok(Gateway {
+            shared,
+            registry,
+            listeners,
+            pools,
+            permits,
+            permit_count: AtomicUsize::new(config.limits.handshake_permits),
+            accept_stop,
+            link_stop,
+            accept_tasks,
+            link_tasks,
+        })
+    }
+
+    /// The bound address of the listener called `name`.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(ctx, _)| ctx.name == name)
+            .map(|(_, addr)| *addr)
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode_metrics(&self) -> String {
+        for pool in &self.pools {
+            self.shared
+                .metrics
+                .link_queue_depth
+                .get_or_create(&[("service", pool.name.to_string())])
+                .set(pool.queued_frames() as i64);
+        }
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Clients in session.
+    pub fn client_count(&self) -> usize {
+        self.shared.clients.len()
+    }
+
+    /// Links up for the service called `name`.
+    pub fn links_up(&self, name: &str) -> usize {
+        self.pools
+            .iter()
+            .find(|p| &*p.name == name)
+            .map_or(0, |p| p.links_up())
+    }
+
+    /// Ready: listeners bound (always, once started) and every service has a link up.
+    pub fn is_ready(&self) -> bool {
+        !self.shared.is_draining() && self.pools.iter().all(|p| p.links_up() > 0)
+    }
+
+    /// Applies what can change live: certificates, limits, heartbeat, auth.
+    /// Listeners, routes and services need a restart (they are logged when they differ).
+    /// Clients keep the settings they started with.
+    ///
+    /// # Errors
+    /// When a new certificate or key cannot be loaded; nothing is changed then.
+    pub fn reload(&self, config: &Config) -> Result<(), StartError> {
+        let mut tls = Vec::new();
+        for (ctx, _) in &self.listeners {
+            let Some(l) = config.listeners.iter().find(|l| l.name == ctx.name) else {
+                warn!(listener = %ctx.name, "listener removed from config; needs a restart");
+                continue;
+            };
+            let c = server_config(&l.tls_cert_path, &l.tls_key_path).map_err(|source| StartError::Tls {
+                name: l.name.clone(),
+                source,
+            })?;
+            if l.routes != ctx.routes {
+                warn!(listener = %ctx.name, "routes changed; they apply after a restart");
+            }
+            tls.push((ctx.clone(), c));
+        }
+        let settings = Settings::from_config(config)?;
+        for (ctx, c) in tls {
+            ctx.tls.replace(c);
+        }
+        *self.shared.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        self.shared
+            .max_clients
+            .store(config.limits.max_clients, Ordering::Relaxed);
+        let old = self.permit_count.swap(config.limits.handshake_permits, Ordering::AcqRel);
+        let new = config.limits.handshake_permits;
+        if new > old {
+            self.permits.add_permits(new - old);
+        } else if new < old {
+            self.permits.forget_permits(old - new);
+        }
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Drains and stops: stop accepting, close every client with 1001 spread
+    /// over `window` in random order, wait (bounded) for their sessions to
+    /// end, then close the links.
+    pub async fn shutdown(mut self, window: Duration) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.accept_stop.cancel();
+        self.permits.close();
+        for t in self.accept_tasks.drain(..) {
+            let _ = t.await;
+        }
+
+        let mut clients = self.shared.clients.snapshot();
+        clients.shuffle(&mut rand::rng());
+        let total = clients.len();
+        info!(clients = total, window_ms = window.as_millis() as u64, "draining");
+        let start = Instant::now();
+        let ticks = (window.as_millis() / DRAIN_TICK.as_millis()).max(1) as usize;
+        let mut next = 0usize;
+        for tick in 1..=ticks {
+            let upto = total * tick / ticks;
+            for c in &clients[next..upto] {
+                c.outbox.close(CloseReason::Shutdown, 1001, "gateway draining");
+            }
+            next = upto;
+            if next < total {
+                tokio::time::sleep_until(start + window.mul_f64(tick as f64 / ticks as f64)).await;
+            }
+        }
+        drop(clients);
+        // Clients that finished their handshake during the drain close themselves
+        // (they see `draining`). Wait for sessions to end, bounded by the write
+        // timeout that bounds each close.
+        let settings = self.shared.settings();
+        let deadline = Instant::now() + settings.limits.write_timeout + Duration::from_secs(1);
+        while self.shared.connections() > 0 && Instant::now() < deadline {
+            for c in self.shared.clients.snapshot() {
+                c.outbox.close(CloseReason::Shutdown, 1001, "gateway draining");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.shared.connections() > 0 {
+            warn!(connections = self.shared.connections(), "drain deadline passed; closing the rest");
+        }
+        self.link_stop.cancel();
+        for t in self.link_tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
+        }
+        info!("stopped");
+    }
+}
+
+/// The name this gateway gives itself in link Hello frames; services use it
+/// to publish once per gateway.
+pub fn gateway_name() -> String {
+    static INSTANCE: AtomicU64 = AtomicU64::new(0);
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "edgegate".into());
+    // Host, process and instance: unique even for several gateways in one test process.
+    format!("{host}:{}:{}", std::process::id(), INSTANCE.fetch_add(1, Ordering::Relaxed))
+}

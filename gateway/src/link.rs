@@ -1,0 +1,430 @@
+//! Links: persistent connections from EdgeGate to services, in a pool of
+//! `links` slots per service.
+//!
+//! A slot dials its service, exchanges Hello, then runs two halves: a writer
+//! task that drains the slot's bounded queue into the socket, and a reader
+//! (the slot task itself) that dispatches service frames to clients and
+//! topics. When a link drops, the slot redials with jittered exponential
+//! backoff.
+//!
+//! Policy (documented in docs/link-protocol.md and docs/config.md):
+//! - A client is bound to one link at open, so its messages stay in order.
+//! - A full link queue pauses the clients that write to it (they stop reading
+//!   their socket, so TCP pushes back); a client still blocked after
+//!   `link_backpressure_timeout_secs` is closed with 1013.
+//! - When a link drops, every client bound to it is closed with 1012 (service
+//!   restart): frames in flight may be lost and the service has lost its state
+//!   for them, so the client must reconnect and open again.
+//! - While a service has no link up, new clients are closed with 1013 right
+//!   after the upgrade.
+//! - A link that sends nothing (not even a pong) for `ping_timeout_secs` is
+//!   torn down and redialled.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use edgegate_link::proto::{ClientId, Frame, FrameCodec, Kind, PROTOCOL_VERSION};
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{sleep, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::client::CloseReason;
+use crate::config::ServiceConfig;
+use crate::gateway::Shared;
+
+/// Largest frame a service may send: a client message plus framing.
+pub const MAX_LINK_FRAME_BYTES: usize = 64 * 1024 * 1024 + 1024;
+
+/// Link ids are unique in the process, for logs.
+static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One live link: what clients bound to it hold.
+#[derive(Debug)]
+pub struct LinkHandle {
+    pub id: u64,
+    pub service: Arc<str>,
+    /// The link's bounded queue towards the service.
+    pub tx: mpsc::Sender<Frame>,
+    /// Clients bound to this link, closed with 1012 if it drops.
+    clients: Mutex<HashSet<ClientId>>,
+}
+
+impl LinkHandle {
+    pub fn bind(&self, client: ClientId) {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).insert(client);
+    }
+
+    pub fn unbind(&self, client: ClientId) {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&client);
+    }
+}
+
+/// The links of one service.
+#[derive(Debug)]
+pub struct ServicePool {
+    pub name: Arc<str>,
+    slots: Box<[RwLock<Option<Arc<LinkHandle>>>]>,
+}
+
+impl ServicePool {
+    fn new(name: &str, links: usize) -> Self {
+        Self {
+            name: Arc::from(name),
+            slots: (0..links).map(|_| RwLock::new(None)).collect(),
+        }
+    }
+
+    /// The link for a new client: its own slot (`id % links`) if up, else the
+    /// next slot that is up.
+    pub fn pick(&self, client: ClientId) -> Option<Arc<LinkHandle>> {
+        let n = self.slots.len();
+        let start = (client as usize) % n;
+        (0..n).find_map(|i| {
+            self.slots[(start + i) % n]
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
+    }
+
+    /// Links up right now.
+    pub fn links_up(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.read().unwrap_or_else(|e| e.into_inner()).is_some())
+            .count()
+    }
+
+    /// Frames queued over all up links (for the queue-depth gauge).
+    pub fn queued_frames(&self) -> usize {
+        self.slots
+            .iter()
+            .filter_map(|s| s.read().unwrap_or_else(|e| e.into_inner()).clone())
+            .map(|l| l.tx.max_capacity() - l.tx.capacity())
+            .sum()
+    }
+
+    fn set(&self, slot: usize, link: Option<Arc<LinkHandle>>) {
+        *self.slots[slot].write().unwrap_or_else(|e| e.into_inner()) = link;
+    }
+}
+
+/// Creates the pool of `config` and spawns one task per slot.
+///
+/// Slots stop when `stop` is cancelled: each sends Goaway after what is
+/// queued and closes its link.
+pub fn spawn_pool(
+    config: ServiceConfig,
+    gateway_name: Arc<str>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> (Arc<ServicePool>, Vec<tokio::task::JoinHandle<()>>) {
+    let pool = Arc::new(ServicePool::new(&config.name, config.links));
+    let config = Arc::new(config);
+    let tasks = (0..config.links)
+        .map(|slot| {
+            tokio::spawn(run_slot(
+                slot,
+                pool.clone(),
+                config.clone(),
+                gateway_name.clone(),
+                shared.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    (pool, tasks)
+}
+
+/// Why a dial failed.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("connect {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("connect {addr}: timed out")]
+    Timeout { addr: String },
+    #[error("hello with {addr}: {message}")]
+    Hello { addr: String, message: String },
+}
+
+type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>;
+type Writer = FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>;
+
+async fn dial(addr: &str, config: &ServiceConfig, gateway_name: &str) -> Result<(Reader, Writer, String), DialError> {
+    let stream = timeout(config.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| DialError::Timeout { addr: addr.into() })?
+        .map_err(|source| DialError::Connect {
+            addr: addr.into(),
+            source,
+        })?;
+    // Links carry many small frames; batching happens in the writer.
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let mut reader = FramedRead::new(r, FrameCodec::new(MAX_LINK_FRAME_BYTES));
+    let mut writer = FramedWrite::new(w, FrameCodec::new(MAX_LINK_FRAME_BYTES));
+    let hello_err = |message: String| DialError::Hello {
+        addr: addr.into(),
+        message,
+    };
+    writer
+        .send(Frame::Hello {
+            version: PROTOCOL_VERSION,
+            name: gateway_name.to_owned(),
+        })
+        .await
+        .map_err(|e| hello_err(e.to_string()))?;
+    match timeout(config.connect_timeout, reader.next()).await {
+        Err(_) => Err(hello_err("no hello within connect_timeout_secs".into())),
+        Ok(None) => Err(hello_err("closed before hello".into())),
+        Ok(Some(Err(e))) => Err(hello_err(e.to_string())),
+        Ok(Some(Ok(Frame::Hello { version, name }))) if version == PROTOCOL_VERSION => Ok((reader, writer, name)),
+        Ok(Some(Ok(Frame::Hello { version, .. }))) => Err(hello_err(format!(
+            "service speaks version {version}, gateway {PROTOCOL_VERSION}"
+        ))),
+        Ok(Some(Ok(Frame::Goaway { code, reason }))) => Err(hello_err(format!("goaway {code}: {reason}"))),
+        Ok(Some(Ok(other))) => Err(hello_err(format!("expected hello, got {}", other.type_name()))),
+    }
+}
+
+/// A random duration in [d/2, d]: spreads redials of many gateways.
+fn jittered(d: Duration) -> Duration {
+    let half = d / 2;
+    half + rand::rng().random_range(Duration::ZERO..=half)
+}
+
+async fn run_slot(
+    slot: usize,
+    pool: Arc<ServicePool>,
+    config: Arc<ServiceConfig>,
+    gateway_name: Arc<str>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let label = [("service", config.name.clone())];
+    let mut backoff = config.reconnect_min;
+    let mut attempt = 0usize;
+    let mut failures = 0u64;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        if attempt > 0 {
+            shared.metrics.link_reconnects.get_or_create(&label).inc();
+        }
+        let addr = &config.addresses[(slot + attempt) % config.addresses.len()];
+        attempt += 1;
+        let dialled = tokio::select! {
+            r = dial(addr, &config, &gateway_name) => r,
+            () = stop.cancelled() => return,
+        };
+        match dialled {
+            Ok((reader, writer, service_name)) => {
+                failures = 0;
+                backoff = config.reconnect_min;
+                let (tx, rx) = mpsc::channel(config.link_queue_frames);
+                let link = Arc::new(LinkHandle {
+                    id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed),
+                    service: pool.name.clone(),
+                    tx,
+                    clients: Mutex::new(HashSet::new()),
+                });
+                info!(service = %config.name, link.id = link.id, %addr, peer = %service_name, slot, "link up");
+                pool.set(slot, Some(link.clone()));
+                shared.metrics.links_up.get_or_create(&label).inc();
+                let end = run_link(&link, reader, writer, rx, &config, &shared, &stop).await;
+                pool.set(slot, None);
+                shared.metrics.links_up.get_or_create(&label).dec();
+                let bound: Vec<ClientId> =
+                    std::mem::take(&mut *link.clients.lock().unwrap_or_else(|e| e.into_inner()))
+                        .into_iter()
+                        .collect();
+                if stop.is_cancelled() {
+                    info!(service = %config.name, link.id = link.id, "link closed");
+                    return;
+                }
+                warn!(service = %config.name, link.id = link.id, %addr, reason = %end, clients = bound.len(), "link down; closing its clients with 1012");
+                for id in bound {
+                    if let Some(c) = shared.clients.get(id) {
+                        c.outbox.close(CloseReason::LinkLost, 1012, "service link lost");
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                // First failure and then every 10th: a dead service must not flood the log.
+                if failures == 1 || failures % 10 == 0 {
+                    warn!(service = %config.name, failures, error = %e, "link dial failed");
+                } else {
+                    debug!(service = %config.name, failures, error = %e, "link dial failed");
+                }
+            }
+        }
+        tokio::select! {
+            () = sleep(jittered(backoff)) => {}
+            () = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(config.reconnect_max);
+    }
+}
+
+/// Runs one established link until it drops or `stop` is cancelled; returns
+/// why it ended.
+async fn run_link(
+    link: &Arc<LinkHandle>,
+    mut reader: Reader,
+    writer: Writer,
+    rx: mpsc::Receiver<Frame>,
+    config: &ServiceConfig,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> String {
+    let writer_task = tokio::spawn(write_frames(writer, rx, shared.clone()));
+    let mut last_seen = Instant::now();
+    let mut ping = tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
+    let mut nonce = 0u64;
+    let reason = loop {
+        tokio::select! {
+            frame = reader.next() => match frame {
+                None => break "service closed the link".to_string(),
+                Some(Err(e)) => break format!("read: {e}"),
+                Some(Ok(frame)) => {
+                    last_seen = Instant::now();
+                    shared.metrics.link_frames_in.inc();
+                    if let Err(end) = dispatch(link, frame, shared).await {
+                        break end;
+                    }
+                }
+            },
+            _ = ping.tick() => {
+                if last_seen.elapsed() >= config.ping_timeout {
+                    break format!("no frame for {:?}", config.ping_timeout);
+                }
+                nonce += 1;
+                // A full queue already shows the link busy; skip this ping.
+                let _ = link.tx.try_send(Frame::Ping { nonce });
+            }
+            () = stop.cancelled() => {
+                // Clients were drained before links are stopped: say goodbye
+                // after what is queued.
+                let _ = timeout(Duration::from_secs(5), link.tx.send(Frame::Goaway { code: 0, reason: "gateway shutting down".into() })).await;
+                break "gateway shutting down".to_string();
+            }
+        }
+    };
+    if stop.is_cancelled() {
+        // Let the writer flush the Goaway, bounded.
+        let _ = timeout(Duration::from_secs(5), writer_task).await;
+    } else {
+        writer_task.abort();
+    }
+    reason
+}
+
+/// Drains the link queue into the socket, flushing when the queue is empty.
+/// Ends after writing a Goaway or on a write error.
+async fn write_frames(mut writer: Writer, mut rx: mpsc::Receiver<Frame>, shared: Arc<Shared>) {
+    while let Some(frame) = rx.recv().await {
+        let last = matches!(frame, Frame::Goaway { .. });
+        if writer.feed(frame).await.is_err() {
+            return;
+        }
+        shared.metrics.link_frames_out.inc();
+        if last || rx.is_empty() {
+            if SinkExt::<Frame>::flush(&mut writer).await.is_err() || last {
+                return;
+            }
+        }
+    }
+}
+
+/// Applies one frame from the service. `Err` ends the link.
+async fn dispatch(link: &Arc<LinkHandle>, frame: Frame, shared: &Arc<Shared>) -> Result<(), String> {
+    match frame {
+        Frame::ClientMessage { client, kind, payload } => {
+            let Some(c) = shared.clients.get(client) else {
+                // The client left; the service will see its close.
+                return Ok(());
+            };
+            match to_message(kind, payload) {
+                Some(msg) => {
+                    if c.outbox.push(msg) == crate::outbox::Pushed::DroppedOldest {
+                        shared
+                            .metrics
+                            .outbound_dropped
+                            .get_or_create(&[("policy", "drop_oldest")])
+                            .inc();
+                    }
+                }
+                None => warn!(link.id = link.id, client, "service sent invalid UTF-8 as text; message dropped"),
+            }
+        }
+        Frame::ClientClose { client, code, reason } => {
+            if let Some(c) = shared.clients.get(client) {
+                let code = if valid_close_code(code) { code } else { 1011 };
+                c.outbox.close(CloseReason::Service { code }, code, truncate_reason(reason));
+            }
+        }
+        Frame::Subscribe { client, topic } => {
+            if let Some(c) = shared.clients.get(client) {
+                shared.topics.subscribe(&topic, &c, &shared.metrics);
+            }
+        }
+        Frame::Unsubscribe { client, topic } => {
+            if let Some(c) = shared.clients.get(client) {
+                shared.topics.unsubscribe(&topic, &c, &shared.metrics);
+            }
+        }
+        Frame::Publish { topic, kind, payload } => match to_message(kind, payload) {
+            Some(msg) => {
+                shared.topics.publish(&topic, msg, &shared.metrics).await;
+            }
+            None => warn!(link.id = link.id, "service published invalid UTF-8 as text; publish dropped"),
+        },
+        Frame::Ping { nonce } => {
+            let _ = link.tx.try_send(Frame::Pong { nonce });
+        }
+        Frame::Pong { .. } => {}
+        Frame::Goaway { code, reason } => return Err(format!("service sent goaway {code}: {reason}")),
+        other @ (Frame::Hello { .. } | Frame::ClientOpen { .. }) => {
+            return Err(format!("protocol error: service sent {}", other.type_name()))
+        }
+    }
+    Ok(())
+}
+
+/// The WebSocket message for a link payload: encoded once, shared by every
+/// queue it is pushed to. `None` for text that is not UTF-8.
+pub fn to_message(kind: Kind, payload: Bytes) -> Option<Message> {
+    match kind {
+        Kind::Binary => Some(Message::Binary(payload)),
+        Kind::Text => Utf8Bytes::try_from(payload).ok().map(Message::Text),
+    }
+}
+
+/// Close codes a server may send (RFC 6455 §7.4): 1000-1003, 1007-1014, 3000-4999.
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Close reasons must fit a control frame (123 bytes), cut at a char boundary.
+pub fn truncate_reason(mut reason: String) -> String {
+    if reason.len() > 123 {
+        let mut cut = 123;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    reason
+}

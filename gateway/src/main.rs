@@ -1,0 +1,131 @@
+//! The `edgegate` binary: parses the command line, builds the runtime, sets up
+//! logging and maps errors to exit codes. Everything else is in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgegate::config::{Config, DEFAULT_CONFIG_PATH};
+use edgegate::EX_CONFIG;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc options read at start-up: return dirty pages to the kernel after
+/// one second (and muzzy ones after another), with a background thread doing
+/// the purging, so memory taken by a burst (reconnect storm, fan-out) goes
+/// back instead of staying resident.
+#[allow(non_upper_case_globals, unsafe_code)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
+
+/// Exit code for an error that is not the config's (EX_SOFTWARE).
+const EX_SOFTWARE: u8 = 70;
+
+#[derive(Debug, Parser)]
+#[command(name = "edgegate", version, about = "TLS WebSocket edge gateway for millions of mostly idle clients")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Check a configuration file: exit 0 if good, 78 with the problem if not.
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Run a gateway, the example service and a self-signed certificate on loopback.
+    Demo {
+        /// Where clients connect (wss://).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// Where the example service listens for links.
+        #[arg(long, default_value = "127.0.0.1:7000")]
+        service: SocketAddr,
+        /// Admin endpoint (metrics, health).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listeners, {} services, max_clients {})",
+                    config.display(),
+                    c.listeners.len(),
+                    c.services.len(),
+                    c.limits.max_clients
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("edgegate: {e}");
+                ExitCode::from(EX_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            init_logging();
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::from(EX_CONFIG);
+                }
+            };
+            let runtime = match edgegate::runtime::build(config.runtime.worker_threads) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the runtime");
+                    return ExitCode::from(EX_SOFTWARE);
+                }
+            };
+            match runtime.block_on(edgegate::shutdown::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::from(EX_SOFTWARE)
+                }
+            }
+        }
+        Command::Demo { listen, service, admin } => {
+            init_logging();
+            let runtime = match edgegate::runtime::build(edgegate::config::default_worker_threads()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("edgegate: cannot build the runtime: {e}");
+                    return ExitCode::from(EX_SOFTWARE);
+                }
+            };
+            let opts = edgegate::demo::DemoOptions {
+                client_addr: listen,
+                service_addr: service,
+                admin_addr: admin,
+            };
+            match runtime.block_on(edgegate::demo::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edgegate: {e}");
+                    ExitCode::from(EX_SOFTWARE)
+                }
+            }
+        }
+    }
+}

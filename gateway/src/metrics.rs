@@ -1,0 +1,187 @@
+//! Every metric EdgeGate exports, by name, in one place.
+//!
+//! Prometheus conventions: `edgegate_` prefix, base units, `_total` counters
+//! (the `_total` suffix is added by the encoder), `_seconds` histograms.
+//! Labels are small enums (listener protocol, close reason, phase, policy,
+//! service name from the config): never client ids, addresses or topics.
+//! Every known series exists at zero from start-up. The registry is passed in
+//! by hand, so each test gateway has its own.
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::client::CloseReason;
+use crate::config::{Protocol, SlowReaderPolicy};
+
+type Labels = [(&'static str, &'static str); 1];
+type ServiceLabels = [(&'static str, String); 1];
+
+/// Handshake phases, as the `phase` label of handshake failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Tls,
+    Upgrade,
+    Auth,
+    Open,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [Phase::Tls, Phase::Upgrade, Phase::Auth, Phase::Open];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Tls => "tls",
+            Phase::Upgrade => "upgrade",
+            Phase::Auth => "auth",
+            Phase::Open => "open",
+        }
+    }
+}
+
+/// Accept error classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptError {
+    /// EMFILE/ENFILE: out of file descriptors.
+    Fds,
+    /// ENOBUFS/ENOMEM.
+    Memory,
+    /// Anything else (ECONNABORTED...).
+    Other,
+}
+
+impl AcceptError {
+    pub const ALL: [AcceptError; 3] = [AcceptError::Fds, AcceptError::Memory, AcceptError::Other];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcceptError::Fds => "fds",
+            AcceptError::Memory => "memory",
+            AcceptError::Other => "other",
+        }
+    }
+}
+
+/// The gateway's metrics. Cheap to clone handles live inside.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Clients past the upgrade, by listener protocol.
+    pub clients: Family<Labels, Gauge>,
+    pub clients_accepted: Family<Labels, Counter>,
+    pub clients_closed: Family<Labels, Counter>,
+    pub clients_refused: Counter,
+    pub handshake_failures: Family<Labels, Counter>,
+    pub handshake_duration: Histogram,
+    pub accept_errors: Family<Labels, Counter>,
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub outbound_dropped: Family<Labels, Counter>,
+    pub links_up: Family<ServiceLabels, Gauge>,
+    pub link_reconnects: Family<ServiceLabels, Counter>,
+    pub link_queue_depth: Family<ServiceLabels, Gauge<i64, AtomicI64>>,
+    pub link_frames_in: Counter,
+    pub link_frames_out: Counter,
+    pub topics: Gauge,
+    pub subscriptions: Gauge,
+    pub publishes: Counter,
+    pub publish_fanout: Histogram,
+    pub publish_delivery: Histogram,
+    pub drain_closed: Counter<u64, AtomicU64>,
+}
+
+impl Metrics {
+    /// Creates every metric, registers it in `registry`, and creates the known
+    /// label values at zero.
+    pub fn new(registry: &mut Registry, services: &[String]) -> Self {
+        let m = Self {
+            clients: Family::default(),
+            clients_accepted: Family::default(),
+            clients_closed: Family::default(),
+            clients_refused: Counter::default(),
+            handshake_failures: Family::default(),
+            handshake_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            accept_errors: Family::default(),
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            outbound_dropped: Family::default(),
+            links_up: Family::default(),
+            link_reconnects: Family::default(),
+            link_queue_depth: Family::default(),
+            link_frames_in: Counter::default(),
+            link_frames_out: Counter::default(),
+            topics: Gauge::default(),
+            subscriptions: Gauge::default(),
+            publishes: Counter::default(),
+            publish_fanout: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
+            publish_delivery: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            drain_closed: Counter::default(),
+        };
+        for p in [Protocol::WebSocket, Protocol::Framed] {
+            let _ = m.clients.get_or_create(&[("protocol", p.as_str())]);
+            let _ = m.clients_accepted.get_or_create(&[("protocol", p.as_str())]);
+        }
+        for r in CloseReason::LABELS {
+            let _ = m.clients_closed.get_or_create(&[("reason", r)]);
+        }
+        for p in Phase::ALL {
+            let _ = m.handshake_failures.get_or_create(&[("phase", p.as_str())]);
+        }
+        for e in AcceptError::ALL {
+            let _ = m.accept_errors.get_or_create(&[("kind", e.as_str())]);
+        }
+        for p in [SlowReaderPolicy::DropOldest, SlowReaderPolicy::Close] {
+            let _ = m.outbound_dropped.get_or_create(&[("policy", p.as_str())]);
+        }
+        for s in services {
+            let l = [("service", s.clone())];
+            let _ = m.links_up.get_or_create(&l);
+            let _ = m.link_reconnects.get_or_create(&l);
+            let _ = m.link_queue_depth.get_or_create(&l);
+        }
+
+        let r = registry.sub_registry_with_prefix("edgegate");
+        r.register("clients", "Clients past the upgrade, by listener protocol", m.clients.clone());
+        r.register("clients_accepted", "Clients that completed TLS and upgrade", m.clients_accepted.clone());
+        r.register("clients_closed", "Client sessions ended, by close reason", m.clients_closed.clone());
+        r.register("clients_refused", "Connections closed at accept because max_clients was reached", m.clients_refused.clone());
+        r.register("handshake_failures", "Clients lost before their session, by phase", m.handshake_failures.clone());
+        r.register("handshake_duration_seconds", "Accept to session start (TLS + upgrade + auth)", m.handshake_duration.clone());
+        r.register("accept_errors", "accept(2) errors, by kind", m.accept_errors.clone());
+        r.register("client_messages_in", "Messages received from clients", m.messages_in.clone());
+        r.register("client_messages_out", "Messages written to clients", m.messages_out.clone());
+        r.register("client_bytes_in", "Payload bytes received from clients", m.bytes_in.clone());
+        r.register("client_bytes_out", "Payload bytes written to clients", m.bytes_out.clone());
+        r.register("outbound_dropped", "Outbound messages dropped by the slow-reader policy", m.outbound_dropped.clone());
+        r.register("links_up", "Links up, by service", m.links_up.clone());
+        r.register("link_reconnects", "Link dials after the first, by service", m.link_reconnects.clone());
+        r.register("link_queue_depth", "Frames waiting in link queues, by service", m.link_queue_depth.clone());
+        r.register("link_frames_in", "Frames received from services", m.link_frames_in.clone());
+        r.register("link_frames_out", "Frames sent to services", m.link_frames_out.clone());
+        r.register("topics", "Topics with at least one subscriber", m.topics.clone());
+        r.register("subscriptions", "Client subscriptions to topics", m.subscriptions.clone());
+        r.register("publishes", "Publish frames received from services", m.publishes.clone());
+        r.register("publish_fanout_clients", "Subscribers reached per publish", m.publish_fanout.clone());
+        r.register("publish_delivery_seconds", "Time to queue one publish to every subscriber", m.publish_delivery.clone());
+        r.register("drain_closed_clients", "Clients closed with 1001 by a drain", m.drain_closed.clone());
+        m
+    }
+
+    /// Counts the end of a client session.
+    pub fn closed(&self, protocol: Protocol, reason: &CloseReason) {
+        self.clients.get_or_create(&[("protocol", protocol.as_str())]).dec();
+        self.clients_closed.get_or_create(&[("reason", reason.label())]).inc();
+    }
+
+    /// Counts a client lost before its session.
+    pub fn handshake_failed(&self, phase: Phase) {
+        self.handshake_failures.get_or_create(&[("phase", phase.as_str())]).inc();
+    }
+}

@@ -1,0 +1,72 @@
+//! Connected clients by id, so links and fan-out can reach them.
+//!
+//! Sharded by client id: an insert, removal or lookup locks one of
+//! [`SHARDS`] small maps, never a global lock. Iteration (drain) walks the
+//! shards one at a time and never holds two locks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use edgegate_link::proto::ClientId;
+
+use crate::outbox::ClientHandle;
+
+/// 256 shards: at 2 M clients a shard holds ~8k entries, and two workers
+/// contend on the same shard rarely.
+pub const SHARDS: usize = 256;
+
+/// Every client past the upgrade.
+#[derive(Debug)]
+pub struct ClientRegistry {
+    shards: Box<[Mutex<HashMap<ClientId, Arc<ClientHandle>>>]>,
+}
+
+impl Default for ClientRegistry {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl ClientRegistry {
+    fn shard(&self, id: ClientId) -> MutexGuard<'_, HashMap<ClientId, Arc<ClientHandle>>> {
+        // Ids are sequential, so the low bits spread evenly.
+        self.shards[(id as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, handle: Arc<ClientHandle>) {
+        self.shard(handle.id).insert(handle.id, handle);
+    }
+
+    pub fn remove(&self, id: ClientId) {
+        self.shard(id).remove(&id);
+    }
+
+    pub fn get(&self, id: ClientId) -> Option<Arc<ClientHandle>> {
+        self.shard(id).get(&id).cloned()
+    }
+
+    /// Number of clients (sums the shards; for status lines, not hot paths).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every client at this moment (for drain).
+    pub fn snapshot(&self) -> Vec<Arc<ClientHandle>> {
+        let mut all = Vec::new();
+        for s in self.shards.iter() {
+            all.extend(s.lock().unwrap_or_else(|e| e.into_inner()).values().cloned());
+        }
+        all
+    }
+}

@@ -1,0 +1,114 @@
+//! TLS: certificate loading (errors, never panics) and the listener's
+//! reloadable acceptor.
+//!
+//! TLS 1.2 and 1.3 only (rustls has nothing older), ALPN `http/1.1`, the ring
+//! provider's default cipher suites (all AEAD, forward secret). A SIGHUP swaps
+//! in a freshly loaded [`TlsAcceptor`]; clients already connected keep theirs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+/// A certificate or key that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: cannot read certificate chain: {message}")]
+    Certificates { path: PathBuf, message: String },
+    #[error("{path}: no certificate in file")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: cannot read private key: {message}")]
+    Key { path: PathBuf, message: String },
+    #[error("certificate {cert} and key {key} do not form a usable pair: {source}")]
+    Config {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+}
+
+/// Builds the rustls server config from PEM files.
+///
+/// # Errors
+/// [`TlsError`] naming the file that could not be used.
+pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<ServerConfig, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Certificates {
+            path: cert_path.to_owned(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: cert_path.to_owned(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TlsError::Key {
+        path: key_path.to_owned(),
+        message: e.to_string(),
+    })?;
+    server_config_from(certs, key).map_err(|source| TlsError::Config {
+        cert: cert_path.to_owned(),
+        key: key_path.to_owned(),
+        source,
+    })
+}
+
+/// Builds the rustls server config from parsed DER (used by the demo's
+/// generated certificate).
+///
+/// # Errors
+/// When the key does not match the certificate or is of an unsupported type.
+pub fn server_config_from(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The acceptor a listener uses, swappable on reload.
+pub struct ReloadableAcceptor {
+    current: RwLock<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for ReloadableAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadableAcceptor").finish_non_exhaustive()
+    }
+}
+
+impl ReloadableAcceptor {
+    pub fn new(config: ServerConfig) -> Self {
+        Self {
+            current: RwLock::new(TlsAcceptor::from(Arc::new(config))),
+        }
+    }
+
+    /// The acceptor for the next client (a cheap `Arc` clone).
+    pub fn get(&self) -> TlsAcceptor {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the acceptor for clients that arrive from now on.
+    pub fn replace(&self, config: ServerConfig) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(Arc::new(config));
+    }
+}
+
+/// A fresh self-signed certificate for `localhost`/127.0.0.1 (the demo, tests).
+///
+/// # Errors
+/// When key generation fails.
+pub fn self_signed() -> Result<(String, String), rcgen::Error> {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    Ok((cert.cert.pem(), cert.signing_key.serialize_pem()))
+}
