@@ -108,6 +108,8 @@ impl CloseReason {
 pub const HEARTBEAT_TIMEOUT_CODE: u16 = 4408;
 /// Bound on the close handshake once a close frame is sent.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A ping due within this much is sent now rather than after another timer.
+const PING_SLACK: Duration = Duration::from_millis(10);
 /// Messages written between two flushes when a burst is queued.
 const WRITE_BATCH: usize = 64;
 
@@ -318,22 +320,25 @@ where
     tokio::pin!(deadline);
 
     loop {
-        // Write what is queued, then carry out a requested close.
+        // A slow reader under the `close` policy is closed without writing
+        // the backlog that overflowed.
+        if handle.outbox.close_request().is_some_and(|r| r.reason == CloseReason::SlowReader) {
+            return slow_reader_close(ws, shared, limits.write_timeout).await;
+        }
+        // Write what is queued (bounded), then carry out a requested close.
         if handle.outbox.has_queued() {
-            match timeout(limits.write_timeout, write_queued(ws, handle, shared)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return CloseReason::ClientGone,
-                Err(_) => return CloseReason::WriteTimeout,
+            let written = tokio::select! {
+                r = timeout(limits.write_timeout, write_queued(ws, handle, shared)) => Some(r),
+                () = overflowed(handle) => None,
+            };
+            match written {
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(_))) => return CloseReason::ClientGone,
+                Some(Err(_)) => return CloseReason::WriteTimeout,
+                None => return slow_reader_close(ws, shared, limits.write_timeout).await,
             }
         }
         if let Some(req) = handle.outbox.close_request() {
-            if req.reason == CloseReason::SlowReader {
-                shared
-                    .metrics
-                    .outbound_dropped
-                    .get_or_create(&[("policy", "close")])
-                    .inc();
-            }
             if req.reason == CloseReason::Shutdown {
                 shared.metrics.drain_closed.inc();
             }
@@ -404,23 +409,60 @@ where
                     return CloseReason::LinkBackpressure;
                 }
                 if now >= ping_due {
-                    if now.duration_since(last_seen) >= hb.ping_timeout {
+                    let idle = now.duration_since(last_seen);
+                    if idle >= hb.ping_timeout {
                         close(ws, HEARTBEAT_TIMEOUT_CODE, "heartbeat timeout", limits.write_timeout).await;
                         return CloseReason::HeartbeatTimeout;
                     }
-                    if now.duration_since(last_seen) >= hb.ping_interval {
+                    ping_due = if idle + PING_SLACK >= hb.ping_interval {
                         match timeout(limits.write_timeout, ws.send(Message::Ping(Bytes::new()))).await {
                             Ok(Ok(())) => {}
                             Ok(Err(_)) => return CloseReason::ClientGone,
                             Err(_) => return CloseReason::WriteTimeout,
                         }
-                    }
-                    // Next check: a ping interval from now, or the timeout, whichever first.
-                    ping_due = (now + hb.ping_interval).min(last_seen + hb.ping_timeout).max(now + Duration::from_millis(10));
+                        // Ping again an interval from now, or give up at the timeout.
+                        (now + hb.ping_interval).min(last_seen + hb.ping_timeout)
+                    } else {
+                        // Heard from the client recently: the next ping is due an
+                        // interval after it last spoke.
+                        last_seen + hb.ping_interval
+                    };
                 }
             }
         }
     }
+}
+
+/// Completes when the outbox overflowed under the `close` policy.
+///
+/// # Cancel safety
+/// Cancel safe.
+async fn overflowed(handle: &ClientHandle) {
+    loop {
+        if handle
+            .outbox
+            .close_request()
+            .is_some_and(|r| r.reason == CloseReason::SlowReader)
+        {
+            return;
+        }
+        handle.outbox.ready().await;
+    }
+}
+
+/// Counts a slow-reader close and tries (bounded) to tell the client.
+async fn slow_reader_close<S>(ws: &mut S, shared: &Shared, write_timeout: Duration) -> CloseReason
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    shared
+        .metrics
+        .outbound_dropped
+        .get_or_create(&[("policy", "close")])
+        .inc();
+    // The socket is likely full; the close frame gets a short chance only.
+    close(ws, 1008, "slow reader: outbound queue full", write_timeout.min(Duration::from_millis(100))).await;
+    CloseReason::SlowReader
 }
 
 /// Writes queued messages, flushing every [`WRITE_BATCH`] and at the end.

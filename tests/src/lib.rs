@@ -1,0 +1,393 @@
+//! Test helpers: a real gateway on `127.0.0.1:0`, a real service on the other
+//! end of a real link, and a real TLS WebSocket client.
+//!
+//! - [`TestCert`]: a fresh self-signed certificate written to a temp dir.
+//! - [`TestGateway`]: builds a config (TOML, through the same pipeline as
+//!   `edgegate run`), starts the gateway in-process, shuts it down on drop.
+//! - [`ws_connect`]: a TLS WebSocket client that trusts the test certificate.
+//! - [`EventService`]: a link-protocol service whose events a test reads.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgegate::{Config, Gateway};
+use edgegate_link::service::{Event, Service, ServiceConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::Response;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+pub mod load;
+
+/// The client side of a test connection.
+pub type WsClient = WebSocketStream<TlsStream<TcpStream>>;
+
+static DIR_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh, empty directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "edgegate-test-{tag}-{}-{}",
+        std::process::id(),
+        DIR_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// A self-signed certificate for localhost/127.0.0.1.
+#[derive(Debug, Clone)]
+pub struct TestCert {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub cert_pem: String,
+}
+
+impl TestCert {
+    pub fn generate(dir: &Path) -> Self {
+        let (cert_pem, key_pem) = edgegate::tls::self_signed().expect("generate certificate");
+        let cert_path = dir.join("cert.pem");
+        let key_path = dir.join("key.pem");
+        std::fs::write(&cert_path, &cert_pem).unwrap();
+        std::fs::write(&key_path, key_pem).unwrap();
+        Self {
+            cert_path,
+            key_path,
+            cert_pem,
+        }
+    }
+
+    /// A TLS connector that trusts only this certificate.
+    pub fn connector(&self) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+/// A link-protocol service on `127.0.0.1:0` whose events the test reads.
+pub struct EventService {
+    pub service: Service,
+    pub events: mpsc::Receiver<Event>,
+    pub addr: std::net::SocketAddr,
+    stop: CancellationToken,
+}
+
+impl EventService {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener)
+    }
+
+    pub fn start_on(listener: TcpListener) -> Self {
+        let stop = CancellationToken::new();
+        let (service, events) = Service::start(listener, ServiceConfig::new("test"), stop.clone()).unwrap();
+        let addr = service.local_addr();
+        Self {
+            service,
+            events,
+            addr,
+            stop,
+        }
+    }
+
+    /// The next event, or panic after `within`.
+    pub async fn next_event(&mut self, within: Duration) -> Event {
+        tokio::time::timeout(within, self.events.recv())
+            .await
+            .expect("service event in time")
+            .expect("service running")
+    }
+
+    /// Waits for an event matching `pred`, skipping others.
+    pub async fn wait_for(&mut self, within: Duration, mut pred: impl FnMut(&Event) -> bool) -> Event {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let e = self.next_event(left).await;
+            if pred(&e) {
+                return e;
+            }
+        }
+    }
+
+    /// Stops the service: links get Goaway and close.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for EventService {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The example service (echo and chat) on `127.0.0.1:0`.
+pub struct ExampleService {
+    pub addr: std::net::SocketAddr,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl ExampleService {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener)
+    }
+
+    pub fn start_on(listener: TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(edgegate_link::example::run_example_service(listener, stop.clone()));
+        Self {
+            addr,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Stops it and waits until its links are closed.
+    pub async fn kill(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ExampleService {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Builds the TOML for a test gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayBuilder {
+    service_addr: std::net::SocketAddr,
+    links: usize,
+    routes: Vec<String>,
+    limits: Vec<(String, String)>,
+    heartbeat: Vec<(String, String)>,
+    auth: Vec<(String, String)>,
+    drain_window_secs: u64,
+}
+
+impl GatewayBuilder {
+    pub fn new(service_addr: std::net::SocketAddr) -> Self {
+        Self {
+            service_addr,
+            links: 2,
+            routes: vec!["/echo".into(), "/chat".into()],
+            limits: Vec::new(),
+            heartbeat: Vec::new(),
+            auth: Vec::new(),
+            drain_window_secs: 1,
+        }
+    }
+
+    pub fn links(mut self, n: usize) -> Self {
+        self.links = n;
+        self
+    }
+
+    /// Sets a `[limits]` key (value as TOML).
+    pub fn limit(mut self, key: &str, value: impl ToString) -> Self {
+        self.limits.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// Sets a `[heartbeat]` key.
+    pub fn heartbeat(mut self, key: &str, value: impl ToString) -> Self {
+        self.heartbeat.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// Sets an `[auth]` key (value as TOML, e.g. `"\"jwt\""`).
+    pub fn auth(mut self, key: &str, value: impl ToString) -> Self {
+        self.auth.push((key.into(), value.to_string()));
+        self
+    }
+
+    pub fn drain_window_secs(mut self, secs: u64) -> Self {
+        self.drain_window_secs = secs;
+        self
+    }
+
+    /// The config text this builder produces, with `cert`.
+    pub fn toml(&self, cert: &TestCert) -> String {
+        let mut t = format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\nbacklog = 1024\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\n\n",
+            cert.cert_path.display(),
+            cert.key_path.display()
+        );
+        for r in &self.routes {
+            t += &format!("[[route]]\nlistener = \"test\"\npath = \"{r}\"\nservice = \"svc\"\n\n");
+        }
+        t += &format!(
+            "[[service]]\nname = \"svc\"\naddresses = [\"{}\"]\nlinks = {}\nping_interval_secs = 1\nping_timeout_secs = 3\nreconnect_min_ms = 20\nreconnect_max_ms = 200\n\n",
+            self.service_addr, self.links
+        );
+        for (section, kv) in [("limits", &self.limits), ("heartbeat", &self.heartbeat), ("auth", &self.auth)] {
+            t += &format!("[{section}]\n");
+            for (k, v) in kv {
+                t += &format!("{k} = {v}\n");
+            }
+            t += "\n";
+        }
+        t += &format!("[drain]\ndrain_window_secs = {}\n", self.drain_window_secs);
+        t
+    }
+
+    /// Starts the gateway and waits until every link is up.
+    pub async fn start(self) -> TestGateway {
+        let dir = temp_dir("gw");
+        let cert = TestCert::generate(&dir);
+        let text = self.toml(&cert);
+        let path = dir.join("edgegate.toml");
+        std::fs::write(&path, &text).unwrap();
+        let config = Config::from_toml(&path, &text, std::iter::empty()).expect("test config checks");
+        let gateway = Gateway::start(&config).await.expect("gateway starts");
+        let addr = gateway.local_addr("test").unwrap();
+        let tg = TestGateway {
+            gateway: Some(gateway),
+            addr,
+            cert,
+            config,
+            dir,
+        };
+        tg.wait_links(self.links).await;
+        tg
+    }
+}
+
+/// A running in-process gateway; shut down (fast) on drop.
+pub struct TestGateway {
+    gateway: Option<Gateway>,
+    pub addr: std::net::SocketAddr,
+    pub cert: TestCert,
+    pub config: Config,
+    pub dir: PathBuf,
+}
+
+impl TestGateway {
+    pub fn gateway(&self) -> &Gateway {
+        self.gateway.as_ref().expect("running")
+    }
+
+    /// Waits until `n` links to the test service are up.
+    pub async fn wait_links(&self, n: usize) {
+        for _ in 0..500 {
+            if self.gateway().links_up("svc") >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("links did not come up: {} of {n}", self.gateway().links_up("svc"));
+    }
+
+    /// Opens a TLS WebSocket client on `path` (which may carry a query).
+    pub async fn connect(&self, path: &str) -> WsClient {
+        self.try_connect(path, &[]).await.expect("client connects")
+    }
+
+    /// Opens a client with extra request headers; the error carries the HTTP
+    /// response for refused upgrades.
+    pub async fn try_connect(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+        ws_connect(self.addr, &self.cert, path, headers).await
+    }
+
+    /// Counter or gauge value from the metrics text: the sum of every series
+    /// of `name` whose labels contain `labels` (e.g. `reason="slow_reader"`).
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        metric_value(&self.gateway().encode_metrics(), name, labels)
+    }
+
+    /// Drains and stops the gateway.
+    pub async fn shutdown(mut self, window: Duration) {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown(window).await;
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(g.shutdown(Duration::ZERO));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sum of the series of metric `name` (exact name as exposed) whose label set
+/// contains `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            (n == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Connects a TLS WebSocket client to `addr` trusting `cert`.
+pub async fn ws_connect(
+    addr: std::net::SocketAddr,
+    cert: &TestCert,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = cert
+        .connector()
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    let mut req = format!("wss://localhost:{}{path}", addr.port()).into_client_request()?;
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let (ws, _resp): (WsClient, Response<Option<Vec<u8>>>) = tokio_tungstenite::client_async(req, tls).await?;
+    Ok(ws)
+}
+
+/// The HTTP status of a refused upgrade.
+pub fn refused_status(e: &tokio_tungstenite::tungstenite::Error) -> Option<u16> {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => Some(resp.status().as_u16()),
+        _ => None,
+    }
+}
