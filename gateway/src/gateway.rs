@@ -263,6 +263,12 @@ impl Gateway {
             .map(|(_, addr)| *addr)
     }
 
+    /// The context of the `i`-th listener (tests measure client futures with it).
+    #[cfg(test)]
+    pub(crate) fn listener_ctx(&self, i: usize) -> Arc<ListenerCtx> {
+        self.listeners[i].0.clone()
+    }
+
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
