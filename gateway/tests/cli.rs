@@ -1,0 +1,92 @@
+//! The `edgegate` binary's command line: exit codes and messages an operator
+//! (or systemd's ExecStartPre, or Ansible's validate) relies on.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn edgegate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edgegate"))
+}
+
+fn temp(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("edgegate-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = edgegate::tls::self_signed().unwrap();
+    std::fs::write(dir.join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
+    let path = dir.join("edgegate.toml");
+    std::fs::write(&path, text.replace("DIR", &dir.display().to_string())).unwrap();
+    path
+}
+
+const GOOD: &str = r#"
+[[listener]]
+name = "public"
+bind = "127.0.0.1:0"
+tls_cert_path = "DIR/cert.pem"
+tls_key_path = "DIR/key.pem"
+
+[[route]]
+listener = "public"
+path = "/echo"
+service = "example"
+
+[[service]]
+name = "example"
+addresses = ["127.0.0.1:7000"]
+"#;
+
+#[test]
+fn check_config_accepts_a_good_file() {
+    let out = edgegate().args(["check-config", "--config"]).arg(temp("good", GOOD)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn check_config_names_the_line_of_an_unknown_key_and_exits_78() {
+    let bad = format!("{GOOD}\n[limits]\nmax_clientz = 10\n");
+    let out = edgegate().args(["check-config", "--config"]).arg(temp("unknown", &bad)).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_clientz") && err.contains("line"), "{err}");
+}
+
+#[test]
+fn check_config_names_the_key_of_a_bad_value() {
+    let bad = GOOD.replace("path = \"/echo\"", "path = \"echo\"");
+    let out = edgegate().args(["check-config", "--config"]).arg(temp("value", &bad)).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("route[0].path"));
+}
+
+#[test]
+fn run_with_a_broken_config_exits_78_before_binding() {
+    let bad = GOOD.replace("cert.pem", "missing.pem");
+    let out = edgegate().args(["run", "--config"]).arg(temp("run", &bad)).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.pem"));
+}
+
+#[test]
+fn missing_config_file_exits_78_with_its_path() {
+    let out = edgegate().args(["check-config", "--config", "/nonexistent/edgegate.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/edgegate.toml"));
+}
+
+#[test]
+fn shipped_example_config_is_accepted_when_its_certificates_exist() {
+    // The shipped file names Debian's snakeoil pair; point it at a test pair.
+    let shipped = include_str!("../config/edgegate.toml")
+        .replace("/etc/ssl/certs/ssl-cert-snakeoil.pem", "DIR/cert.pem")
+        .replace("/etc/ssl/private/ssl-cert-snakeoil.key", "DIR/key.pem");
+    let out = edgegate().args(["check-config", "--config"]).arg(temp("shipped", &shipped)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn version_is_printed() {
+    let out = edgegate().arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Runs every EdgeGate test: the Rust workspace (unit, integration, CLI, link
+# protocol, load-generator smoke), then the appliance (.deb in a fresh Debian
+# root) and Ansible suites. Must run as root on Debian 12; each suite installs
+# what it needs itself.
+#
+#   tests/run-all.sh            everything
+#   tests/run-all.sh rust       only the cargo tests (no root needed)
+#
+# Ends with one line "N passed, M failed" summing every suite, and exits
+# non-zero if anything failed.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+ONLY=${1:-all}
+LOGDIR=$(mktemp -d /tmp/edgegate-tests.XXXXXX)
+total_passed=0
+total_failed=0
+suites_failed=()
+
+# Sums "test result: ... N passed; M failed" (cargo) and "N passed, M failed" (scripts).
+count() {
+    local log=$1 p f
+    p=$(grep -Eo '([0-9]+) passed' "$log" | awk '{s+=$1} END {print s+0}')
+    f=$(grep -Eo '([0-9]+) failed' "$log" | awk '{s+=$1} END {print s+0}')
+    total_passed=$((total_passed + p))
+    total_failed=$((total_failed + f))
+}
+
+suite() {
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    local log=$LOGDIR/$name.log
+    local start=$SECONDS
+    "$@" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    count "$log"
+    echo "=== $name: exit $rc in $((SECONDS - start))s"
+    if [ "$rc" -ne 0 ]; then
+        suites_failed+=("$name")
+        # A suite that died before counting still counts as a failure.
+        if ! grep -Eq '[0-9]+ failed' "$log"; then total_failed=$((total_failed + 1)); fi
+    fi
+}
+
+suite rust cargo test --workspace --locked
+if [ "$ONLY" = all ]; then
+    suite appliance bash tests/appliance/run.sh
+    if [ -x tests/ansible/run.sh ] || [ -f tests/ansible/run.sh ]; then
+        suite ansible bash tests/ansible/run.sh
+    fi
+fi
+
+echo
+if [ ${#suites_failed[@]} -gt 0 ]; then
+    echo "failed suites: ${suites_failed[*]} (logs in $LOGDIR)"
+fi
+echo "$total_passed passed, $total_failed failed"
+[ ${#suites_failed[@]} -eq 0 ] && [ "$total_failed" -eq 0 ]
