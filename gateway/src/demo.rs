@@ -116,13 +116,15 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
          \n            wss://{addr}/chat  (every message goes to every /chat client)\
          \n  service:  example service on {service} (link protocol, {links} links)\
          \n  files:    {dir} (self-signed certificate, config)\
-         \n\nTry it (the certificate is self-signed, hence --insecure / -k):\
-         \n  websocat --insecure wss://{addr}/echo\
-         \n  python3 -c 'import ssl,websocket; ws=websocket.create_connection(\"wss://{addr}/echo\", sslopt={{\"cert_reqs\": ssl.CERT_NONE}}); ws.send(\"hi\"); print(ws.recv())'\
+         \n\nTry it (the certificate is self-signed):\
+         \n  npx wscat --no-check -c wss://{addr}/chat\
+         \n  python3 tests/appliance/ws_client.py echo {ip} {port} /echo {dir}/cert.pem hello\
          \n\nCtrl-C stops it.",
         service = opts.service_addr,
         links = config.services[0].links,
         dir = dir.display(),
+        ip = addr.ip(),
+        port = addr.port(),
     );
     let _ = tokio::signal::ctrl_c().await;
     gateway.shutdown(Duration::from_millis(500)).await;
