@@ -36,6 +36,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::debug;
 
 use crate::auth::AuthError;
+use crate::config::Protocol;
+use crate::framed::FramedClient;
 use crate::gateway::{Settings, Shared};
 use crate::link::{LinkHandle, ServicePool};
 use crate::listener::ListenerCtx;
@@ -132,6 +134,8 @@ type ClientTls = Box<tokio_rustls::server::TlsStream<TcpStream>>;
 /// (~1.5 KB) live in one heap block instead of being laid out again in every
 /// future that passes them along.
 type ClientWs = Box<tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>>;
+/// A framed-protocol client, boxed for the same reason.
+type ClientFramed = Box<FramedClient<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// Runs one client from accepted socket to close. Spawned by the accept loop
 /// with a handshake permit, which is released when the upgrade completes.
@@ -146,29 +150,46 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, id: ClientId, ctx: Arc<L
     let _ = stream.set_nodelay(true);
 
     let Some(tls) = Box::pin(tls_phase(stream, &ctx, &settings)).await else {
-        shared.metrics.handshake_failed(Phase::Tls);
-        shared.release_connection();
-        return;
+        return handshake_failed(shared, Phase::Tls);
     };
-    let (ws, admission) = match Box::pin(upgrade_phase(tls, &ctx, &settings)).await {
-        Ok(upgraded) => upgraded,
-        Err(phase) => {
-            shared.metrics.handshake_failed(phase);
-            shared.release_connection();
-            return;
+    let protocol = ctx.protocol;
+    let reason = match protocol {
+        Protocol::WebSocket => {
+            let (ws, admission) = match Box::pin(upgrade_phase(tls, &ctx, &settings)).await {
+                Ok(upgraded) => upgraded,
+                Err(phase) => return handshake_failed(shared, phase),
+            };
+            drop(permit);
+            session_started(shared, protocol, started);
+            let pool = ctx.services[admission.service].clone();
+            run_session(ws, id, addr, admission, &pool, shared, &settings).await
+        }
+        Protocol::Framed => {
+            let (client, admission) = match Box::pin(hello_phase(tls, &ctx, &settings)).await {
+                Ok(opened) => opened,
+                Err(phase) => return handshake_failed(shared, phase),
+            };
+            drop(permit);
+            session_started(shared, protocol, started);
+            let pool = ctx.services[admission.service].clone();
+            run_session(client, id, addr, admission, &pool, shared, &settings).await
         }
     };
-    drop(permit);
+    debug!(reason = reason.label(), "client closed");
+    shared.metrics.closed(protocol, &reason);
+    shared.release_connection();
+}
+
+fn handshake_failed(shared: &Shared, phase: Phase) {
+    shared.metrics.handshake_failed(phase);
+    shared.release_connection();
+}
+
+fn session_started(shared: &Shared, protocol: Protocol, started: Instant) {
     shared.metrics.handshake_duration.observe(started.elapsed().as_secs_f64());
-    let protocol = ctx.protocol.as_str();
+    let protocol = protocol.as_str();
     shared.metrics.clients_accepted.get_or_create(&[("protocol", protocol)]).inc();
     shared.metrics.clients.get_or_create(&[("protocol", protocol)]).inc();
-
-    let pool = ctx.services[admission.service].clone();
-    let reason = run_session(ws, id, addr, admission, &pool, shared, &settings).await;
-    debug!(reason = reason.label(), "client closed");
-    shared.metrics.closed(ctx.protocol, &reason);
-    shared.release_connection();
 }
 
 /// TLS handshake, bounded by `handshake_timeout_secs`.
@@ -212,6 +233,57 @@ async fn upgrade_phase(tls: ClientTls, ctx: &ListenerCtx, settings: &Settings) -
             Err(Phase::Upgrade)
         }
     }
+}
+
+/// The framed protocol's opening: the client's Hello (route and token),
+/// bounded by `upgrade_timeout_secs`, then Welcome. A refused client gets a
+/// Close frame (4404 unknown route, 4401 bad token) and never reaches a service.
+async fn hello_phase(tls: ClientTls, ctx: &ListenerCtx, settings: &Settings) -> Result<(ClientFramed, Admission), Phase> {
+    let limits = &settings.limits;
+    let mut client = Box::new(FramedClient::new(*tls, limits.max_message_bytes));
+    let hello = match timeout(limits.upgrade_timeout, client.read_hello()).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(e)) => {
+            debug!(error = %e, "framed hello refused");
+            let _ = timeout(CLOSE_TIMEOUT, client.send(close_message(1002, "expected hello"))).await;
+            return Err(Phase::Upgrade);
+        }
+        Err(_) => {
+            debug!("framed hello timed out");
+            return Err(Phase::Upgrade);
+        }
+    };
+    let Some(&service) = ctx.routes.get(&hello.route) else {
+        let _ = timeout(CLOSE_TIMEOUT, client.send(close_message(4404, "no route for this path"))).await;
+        return Err(Phase::Upgrade);
+    };
+    let bearer = (!hello.token.is_empty()).then(|| format!("Bearer {}", hello.token));
+    let claims = match settings.auth.verify(bearer.as_deref(), None) {
+        Ok(claims) => claims,
+        Err(e) => {
+            debug!(error = %e, "framed client refused");
+            let _ = timeout(CLOSE_TIMEOUT, client.send(close_message(4401, &e.to_string()))).await;
+            return Err(Phase::Auth);
+        }
+    };
+    match timeout(limits.upgrade_timeout, client.send_raw(crate::framed::welcome())).await {
+        Ok(Ok(())) => Ok((
+            client,
+            Admission {
+                route: hello.route,
+                service,
+                claims,
+            },
+        )),
+        _ => Err(Phase::Upgrade),
+    }
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: crate::link::truncate_reason(reason.to_owned()).into(),
+    }))
 }
 
 /// The upgrade callback: route, origin, token. Runs inside tungstenite's

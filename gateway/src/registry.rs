@@ -61,12 +61,16 @@ impl ClientRegistry {
         self.len() == 0
     }
 
-    /// Every client at this moment (for drain).
-    pub fn snapshot(&self) -> Vec<Arc<ClientHandle>> {
-        let mut all = Vec::new();
-        for s in self.shards.iter() {
-            all.extend(s.lock().unwrap_or_else(|e| e.into_inner()).values().cloned());
-        }
-        all
+    /// The clients of shard `i` at this moment. Callers walking every shard
+    /// (drain) yield between shards: at 2 M clients a shard holds ~8k
+    /// entries, ~50 µs to copy, while the whole registry would hold a worker
+    /// for tens of milliseconds.
+    pub fn shard_snapshot(&self, i: usize) -> Vec<Arc<ClientHandle>> {
+        self.shards[i % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }

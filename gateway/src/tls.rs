@@ -13,6 +13,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::Protocol;
+
 /// A certificate or key that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -34,7 +36,7 @@ pub enum TlsError {
 ///
 /// # Errors
 /// [`TlsError`] naming the file that could not be used.
-pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<ServerConfig, TlsError> {
+pub fn server_config(cert_path: &Path, key_path: &Path, protocol: Protocol) -> Result<ServerConfig, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Certificates {
@@ -50,11 +52,22 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<ServerConfig, 
         path: key_path.to_owned(),
         message: e.to_string(),
     })?;
-    server_config_from(certs, key).map_err(|source| TlsError::Config {
+    let mut config = server_config_from(certs, key).map_err(|source| TlsError::Config {
         cert: cert_path.to_owned(),
         key: key_path.to_owned(),
         source,
-    })
+    })?;
+    config.alpn_protocols = alpn(protocol);
+    Ok(config)
+}
+
+/// ALPN protocols a listener offers: `http/1.1` for WebSocket, `edgegate/1`
+/// for the framed protocol. A client that offers none is accepted.
+pub fn alpn(protocol: Protocol) -> Vec<Vec<u8>> {
+    match protocol {
+        Protocol::WebSocket => vec![b"http/1.1".to_vec()],
+        Protocol::Framed => vec![b"edgegate/1".to_vec()],
+    }
 }
 
 /// Builds the rustls server config from parsed DER (used by the demo's

@@ -1,0 +1,152 @@
+//! SIGTERM drain of the real binary with thousands of clients: every client
+//! receives close 1001 within the drain window, the closes are spread over
+//! the window, and the process exits 0.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const CLIENTS: usize = 2000;
+const DRAIN_WINDOW_SECS: u64 = 4;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Connects one client and returns when it is closed: (close code, when).
+async fn client(addr: SocketAddr, tls: tokio_rustls::TlsConnector) -> tokio::task::JoinHandle<Option<(u16, Instant)>> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let stream = tls.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    let req = format!("wss://localhost:{}/echo", addr.port()).into_client_request().unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = ws.next().await {
+            if let Ok(Message::Close(Some(f))) = m {
+                return Some((u16::from(f.code), Instant::now()));
+            }
+            if m.is_err() {
+                return None;
+            }
+        }
+        None
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_thousands_of_clients_with_1001_spread_over_the_window_and_exits_0() {
+    let dir = std::env::temp_dir().join(format!("edgegate-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = edgegate::tls::self_signed().unwrap();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(edgegate_link::example::run_example_service(service, stop.clone()));
+
+    let port = free_port();
+    let config = format!(
+        r#"
+[admin]
+bind = "127.0.0.1:0"
+[[listener]]
+name = "public"
+bind = "127.0.0.1:{port}"
+tls_cert_path = "{dir}/cert.pem"
+tls_key_path = "{dir}/key.pem"
+[[route]]
+listener = "public"
+path = "/echo"
+service = "example"
+[[service]]
+name = "example"
+addresses = ["{service_addr}"]
+links = 2
+[limits]
+max_clients = 5000
+[drain]
+drain_window_secs = {DRAIN_WINDOW_SECS}
+"#,
+        dir = dir.display()
+    );
+    let config_path = dir.join("edgegate.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..300 {
+        if TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Links must be up before clients arrive, or they get 1013.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let tls = connector(&cert);
+    let mut waiters = Vec::with_capacity(CLIENTS);
+    for chunk in 0..CLIENTS / 50 {
+        let batch: Vec<_> = (0..50).map(|_| client(addr, tls.clone())).collect();
+        for w in futures_util::future::join_all(batch).await {
+            waiters.push(w);
+        }
+        let _ = chunk;
+    }
+
+    let sent = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut closes = Vec::with_capacity(CLIENTS);
+    for w in waiters {
+        let got = tokio::time::timeout(Duration::from_secs(DRAIN_WINDOW_SECS + 10), w)
+            .await
+            .expect("close within the window")
+            .unwrap();
+        closes.push(got.expect("a close frame"));
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert!(closes.iter().all(|(code, _)| *code == 1001), "every client got 1001");
+    let window = Duration::from_secs(DRAIN_WINDOW_SECS);
+    let offsets: Vec<Duration> = closes.iter().map(|(_, t)| t.duration_since(sent)).collect();
+    let last = *offsets.iter().max().unwrap();
+    let first = *offsets.iter().min().unwrap();
+    assert!(last <= window + Duration::from_secs(2), "last close at {last:?}");
+    assert!(last - first >= window / 2, "closes spread over {:?} only", last - first);
+    // No tenth of the window takes more than a quarter of the clients.
+    let mut buckets = [0usize; 10];
+    for o in &offsets {
+        let b = ((o.as_secs_f64() / window.as_secs_f64()) * 10.0) as usize;
+        buckets[b.min(9)] += 1;
+    }
+    assert!(buckets.iter().all(|&n| n <= CLIENTS / 4), "closes bunched: {buckets:?}");
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
