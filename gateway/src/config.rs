@@ -416,9 +416,11 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
+        // Only `EDGEGATE_<SECTION>__<KEY>` names are config overrides; other
+        // EDGEGATE_ variables (EDGEGATE_LOG, a CI's own) are not config.
         let env: HashMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("EDGEGATE_"))
+            .filter(|(k, _)| k.strip_prefix("EDGEGATE_").is_some_and(|rest| rest.contains("__")))
             .collect();
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
@@ -781,6 +783,24 @@ addresses = ["127.0.0.1:7000"]
         let env = [("EDGEGATE_LIMITS__MAX_CLIENTS".to_string(), "42".to_string())];
         let c = Config::from_toml(Path::new("t.toml"), &sample(&dir), env).unwrap();
         assert_eq!(c.limits.max_clients, 42);
+    }
+
+    #[test]
+    fn other_edgegate_variables_are_not_config() {
+        let dir = tempdir("env-other");
+        let env = [
+            ("EDGEGATE_LOG".to_string(), "debug".to_string()),
+            ("EDGEGATE_CI_CACHE".to_string(), "/tmp".to_string()),
+        ];
+        assert!(Config::from_toml(Path::new("t.toml"), &sample(&dir), env).is_ok());
+    }
+
+    #[test]
+    fn unknown_override_key_is_an_error() {
+        let dir = tempdir("env-unknown");
+        let env = [("EDGEGATE_LIMITS__MAX_CLIENTZ".to_string(), "1".to_string())];
+        let err = Config::from_toml(Path::new("t.toml"), &sample(&dir), env).unwrap_err().to_string();
+        assert!(err.contains("max_clientz"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::admin::{AdminServer, GatewayView};
 use crate::auth::Authenticator;
 use crate::client::CloseReason;
 use crate::config::{Config, Heartbeat, Limits};
@@ -129,15 +130,20 @@ pub enum StartError {
     Tls { name: String, source: TlsError },
     #[error("{0}")]
     Auth(#[from] crate::auth::KeyError),
-    #[error("listener {name}: protocol \"framed\" is not available in this build")]
-    Protocol { name: String },
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminBindError),
 }
 
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
     shared: Arc<Shared>,
-    registry: Registry,
+    /// The metrics registry, readiness and liveness, shared with the admin endpoint.
+    view: Arc<GatewayView>,
+    /// `/metrics`, `/healthz`, `/readyz` on `[admin] bind`; stopped last in a drain.
+    admin: AdminServer,
+    /// Stops the scheduler probe (`scheduler::run`) when the gateway is dropped.
+    _probe_stop: tokio_util::sync::DropGuard,
     listeners: Vec<(Arc<ListenerCtx>, SocketAddr)>,
     pools: Vec<Arc<ServicePool>>,
     permits: Arc<Semaphore>,
@@ -160,7 +166,7 @@ impl Gateway {
             .listeners
             .iter()
             .map(|l| {
-                server_config(&l.tls_cert_path, &l.tls_key_path).map_err(|source| StartError::Tls {
+                server_config(&l.tls_cert_path, &l.tls_key_path, l.protocol).map_err(|source| StartError::Tls {
                     name: l.name.clone(),
                     source,
                 })
@@ -178,6 +184,7 @@ impl Gateway {
         let mut registry = Registry::default();
         let service_names: Vec<String> = config.services.iter().map(|s| s.name.clone()).collect();
         let metrics = Metrics::new(&mut registry, &service_names);
+        metrics.clients_max.set(i64::try_from(config.limits.max_clients).unwrap_or(i64::MAX));
         let shared = Arc::new(Shared {
             metrics,
             clients: ClientRegistry::default(),
@@ -192,9 +199,6 @@ impl Gateway {
         // Bind everything before starting anything, so a bind error leaves nothing running.
         let mut bound = Vec::new();
         for l in &config.listeners {
-            if l.protocol != crate::config::Protocol::WebSocket {
-                return Err(StartError::Protocol { name: l.name.clone() });
-            }
             let listener = bind(l.bind, l.backlog).map_err(|source| StartError::Bind {
                 name: l.name.clone(),
                 addr: l.bind,
@@ -202,6 +206,7 @@ impl Gateway {
             })?;
             bound.push(listener);
         }
+        let admin_listener = crate::admin::bind(config.admin_bind).await?;
 
         let link_stop = CancellationToken::new();
         let gateway_name: Arc<str> = Arc::from(gateway_name().as_str());
@@ -241,9 +246,22 @@ impl Gateway {
             listeners.push((ctx, addr));
         }
 
+        let probe = Arc::new(crate::scheduler::Probe::new());
+        let ops_stop = CancellationToken::new();
+        tokio::spawn(crate::scheduler::run(
+            shared.clone(),
+            pools.clone(),
+            probe.clone(),
+            ops_stop.child_token(),
+        ));
+        let view = Arc::new(GatewayView::new(registry, shared.clone(), pools.clone(), probe));
+        let admin = AdminServer::spawn(admin_listener, view.clone());
+
         Ok(Gateway {
             shared,
-            registry,
+            view,
+            admin,
+            _probe_stop: ops_stop.drop_guard(),
             listeners,
             pools,
             permits,
@@ -277,19 +295,19 @@ impl Gateway {
         &self.shared.metrics
     }
 
+    /// The bound address of the admin endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr()
+    }
+
+    /// What the admin endpoint reads (metrics, readiness, liveness).
+    pub fn view(&self) -> &Arc<GatewayView> {
+        &self.view
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode_metrics(&self) -> String {
-        for pool in &self.pools {
-            self.shared
-                .metrics
-                .link_queue_depth
-                .get_or_create(&[("service", pool.name.to_string())])
-                .set(pool.queued_frames() as i64);
-        }
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        self.view.encode_metrics()
     }
 
     /// Clients in session.
@@ -307,7 +325,7 @@ impl Gateway {
 
     /// Ready: listeners bound (always, once started) and every service has a link up.
     pub fn is_ready(&self) -> bool {
-        !self.shared.is_draining() && self.pools.iter().all(|p| p.links_up() > 0)
+        self.view.is_ready()
     }
 
     /// Applies what can change live: certificates, limits, heartbeat, auth.
@@ -323,7 +341,7 @@ impl Gateway {
                 warn!(listener = %ctx.name, "listener removed from config; needs a restart");
                 continue;
             };
-            let c = server_config(&l.tls_cert_path, &l.tls_key_path).map_err(|source| StartError::Tls {
+            let c = server_config(&l.tls_cert_path, &l.tls_key_path, l.protocol).map_err(|source| StartError::Tls {
                 name: l.name.clone(),
                 source,
             })?;
@@ -340,6 +358,10 @@ impl Gateway {
         self.shared
             .max_clients
             .store(config.limits.max_clients, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .clients_max
+            .set(i64::try_from(config.limits.max_clients).unwrap_or(i64::MAX));
         let old = self.permit_count.swap(config.limits.handshake_permits, Ordering::AcqRel);
         let new = config.limits.handshake_permits;
         if new > old {
@@ -362,20 +384,39 @@ impl Gateway {
             let _ = t.await;
         }
 
-        let mut clients = self.shared.clients.snapshot();
-        clients.shuffle(&mut rand::rng());
-        let total = clients.len();
+        // Every client, shard by shard with a yield between shards, each
+        // shard shuffled: the close order is random, and no step holds the
+        // worker long (see ClientRegistry::shard_snapshot).
+        let mut clients = Vec::new();
+        for i in 0..crate::registry::SHARDS {
+            let mut shard = self.shared.clients.shard_snapshot(i);
+            shard.shuffle(&mut rand::rng());
+            clients.push(shard);
+            tokio::task::yield_now().await;
+        }
+        // Interleave the shards so each drain tick takes from all of them.
+        let total: usize = clients.iter().map(Vec::len).sum();
         info!(clients = total, window_ms = window.as_millis() as u64, "draining");
         let start = Instant::now();
         let ticks = (window.as_millis() / DRAIN_TICK.as_millis()).max(1) as usize;
-        let mut next = 0usize;
+        let mut closed = 0usize;
+        let mut cursor = vec![0usize; clients.len()];
         for tick in 1..=ticks {
             let upto = total * tick / ticks;
-            for c in &clients[next..upto] {
-                c.outbox.close(CloseReason::Shutdown, 1001, "gateway draining");
+            // Round-robin over shards until `upto` clients are closed.
+            while closed < upto {
+                for (shard, pos) in clients.iter().zip(cursor.iter_mut()) {
+                    if closed >= upto {
+                        break;
+                    }
+                    if let Some(c) = shard.get(*pos) {
+                        c.outbox.close(CloseReason::Shutdown, 1001, "gateway draining");
+                        *pos += 1;
+                        closed += 1;
+                    }
+                }
             }
-            next = upto;
-            if next < total {
+            if closed < total {
                 tokio::time::sleep_until(start + window.mul_f64(tick as f64 / ticks as f64)).await;
             }
         }
@@ -386,8 +427,10 @@ impl Gateway {
         let settings = self.shared.settings();
         let deadline = Instant::now() + settings.limits.write_timeout + Duration::from_secs(1);
         while self.shared.connections() > 0 && Instant::now() < deadline {
-            for c in self.shared.clients.snapshot() {
-                c.outbox.close(CloseReason::Shutdown, 1001, "gateway draining");
+            for i in 0..crate::registry::SHARDS {
+                for c in self.shared.clients.shard_snapshot(i) {
+                    c.outbox.close(CloseReason::Shutdown, 1001, "gateway draining");
+                }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -398,6 +441,7 @@ impl Gateway {
         for t in self.link_tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
         }
+        self.admin.stop().await;
         info!("stopped");
     }
 }

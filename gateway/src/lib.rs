@@ -16,13 +16,19 @@
 //! - [`listener`]: bind with backlog; the accept loop (permit, cap, spawn).
 //! - [`tls`]: certificates and the reloadable acceptor.
 //! - [`auth`]: JWT and Origin checks done during the upgrade.
-//! - [`client`]: one client's life: TLS → upgrade → session → close.
+//! - [`client`]: one client's life: TLS → upgrade (or framed Hello) → session → close.
+//! - [`framed`]: the framed client protocol as a stream of messages.
 //! - [`outbox`]: a client's bounded outbound queue and handle.
 //! - [`registry`]: connected clients by id (sharded).
 //! - [`topics`]: topic membership and fan-out (sharded, batched).
 //! - [`link`]: link pools, dialling, the link reader and writer.
 //! - [`metrics`]: every metric name.
 //! - [`gateway`]: assembly, reload and drain.
+//! - [`admin`]: the admin endpoint: `/metrics`, `/healthz`, `/readyz`.
+//! - [`scheduler`]: the poll-delay probe, runtime metrics, the summary log line.
+//! - [`process`]: resident memory, open fds, jemalloc statistics.
+//! - [`logging`]: journald when stderr is the journal, plain stderr otherwise.
+//! - [`preflight`]: `edgegate tune --check`: host limits and sysctls vs. the config.
 //! - [`shutdown`]: signals: SIGHUP reload, SIGTERM drain.
 //! - [`systemd`]: sd_notify readiness, status and watchdog.
 //! - [`demo`]: `edgegate demo`.
@@ -43,17 +49,23 @@
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod framed;
 pub mod gateway;
 pub mod link;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod outbox;
+pub mod preflight;
+pub mod process;
 pub mod registry;
 pub mod runtime;
+pub mod scheduler;
 pub mod shutdown;
 pub mod systemd;
 pub mod tls;

@@ -54,17 +54,56 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
     },
+    /// Compare this host's limits and kernel settings with what the config needs.
+    Tune {
+        /// Check and report (one line per problem); exit 1 on a fatal one.
+        #[arg(long, required = true)]
+        check: bool,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    edgegate::logging::init();
+}
+
+/// `edgegate tune --check`: one line per finding on stdout; exit 1 on a
+/// fatal one, 78 when the config itself is wrong.
+fn tune_check(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgegate: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let findings = edgegate::preflight::check(&config, &edgegate::preflight::Host::read());
+    for f in &findings {
+        println!("{f}");
+    }
+    let fatal = findings.iter().filter(|f| f.severity == edgegate::preflight::Severity::Fatal).count();
+    println!(
+        "{}: max_clients {} needs {} descriptors: {} fatal, {} warnings",
+        path.display(),
+        config.limits.max_clients,
+        edgegate::preflight::needed_fds(&config),
+        fatal,
+        findings.len() - fatal
+    );
+    if fatal > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn main() -> ExitCode {
+    // This binary's global allocator is jemalloc: its statistics are the heap's.
+    edgegate::process::enable_jemalloc_stats();
     let cli = Cli::parse();
     match cli.command {
+        Command::Tune { check: _, config } => tune_check(&config),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(

@@ -8,6 +8,7 @@
 //! by hand, so each test gateway has its own.
 
 use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -93,7 +94,47 @@ pub struct Metrics {
     pub publish_fanout: Histogram,
     pub publish_delivery: Histogram,
     pub drain_closed: Counter<u64, AtomicU64>,
+
+    // Operations: limits, reloads, the scheduler and the process. The
+    // scheduler series are sampled by `scheduler::run`, the process series
+    // at every scrape (`process::refresh`).
+    /// `limits.max_clients` as loaded (changes on reload).
+    pub clients_max: Gauge,
+    /// TCP connections held against `max_clients` (handshaking or in session).
+    pub connections: Gauge,
+    /// SIGHUP reloads, by result (`ok`, `rejected`).
+    pub config_reloads: Family<Labels, Counter>,
+    /// Always 1; the `version` label carries the build.
+    pub build_info: Family<Labels, Gauge>,
+    /// Lateness of the probe task: time from ready (woken) to polled.
+    pub poll_delay: Histogram,
+    pub runtime_workers: Gauge,
+    pub runtime_alive_tasks: Gauge,
+    pub runtime_global_queue_depth: Gauge,
+    /// Sum over workers of the time spent busy (not parked).
+    pub runtime_busy: Counter<f64, AtomicU64>,
+    /// Busy share of the workers over the last sample interval (0..=1).
+    pub runtime_busy_ratio: Gauge<f64, AtomicU64>,
+    pub resident_memory: Gauge,
+    /// Open file descriptors; only registered where the kernel reports the
+    /// count cheaply (see `process::open_fds`).
+    pub open_fds: Gauge,
+    /// Soft `RLIMIT_NOFILE`.
+    pub max_fds: Gauge,
+    pub jemalloc_allocated: Gauge,
+    pub jemalloc_resident: Gauge,
+    pub jemalloc_retained: Gauge,
 }
+
+/// Bucket bounds of `edgegate_runtime_poll_delay_seconds`: 10 µs × 2^k up to
+/// ~1.3 s. An idle runtime polls a woken task within tens of microseconds;
+/// the production incident this tracks showed up at tens of milliseconds.
+pub fn poll_delay_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.000_01, 2.0, 18)
+}
+
+/// Reload results, as the `result` label of `edgegate_config_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 2] = ["ok", "rejected"];
 
 impl Metrics {
     /// Creates every metric, registers it in `registry`, and creates the known
@@ -123,7 +164,27 @@ impl Metrics {
             publish_fanout: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
             publish_delivery: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             drain_closed: Counter::default(),
+            clients_max: Gauge::default(),
+            connections: Gauge::default(),
+            config_reloads: Family::default(),
+            build_info: Family::default(),
+            poll_delay: Histogram::new(poll_delay_buckets()),
+            runtime_workers: Gauge::default(),
+            runtime_alive_tasks: Gauge::default(),
+            runtime_global_queue_depth: Gauge::default(),
+            runtime_busy: Counter::default(),
+            runtime_busy_ratio: Gauge::default(),
+            resident_memory: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            jemalloc_allocated: Gauge::default(),
+            jemalloc_resident: Gauge::default(),
+            jemalloc_retained: Gauge::default(),
         };
+        for r in RELOAD_RESULTS {
+            let _ = m.config_reloads.get_or_create(&[("result", r)]);
+        }
+        m.build_info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))]).set(1);
         for p in [Protocol::WebSocket, Protocol::Framed] {
             let _ = m.clients.get_or_create(&[("protocol", p.as_str())]);
             let _ = m.clients_accepted.get_or_create(&[("protocol", p.as_str())]);
@@ -171,6 +232,24 @@ impl Metrics {
         r.register("publish_fanout_clients", "Subscribers reached per publish", m.publish_fanout.clone());
         r.register("publish_delivery_seconds", "Time to queue one publish to every subscriber", m.publish_delivery.clone());
         r.register("drain_closed_clients", "Clients closed with 1001 by a drain", m.drain_closed.clone());
+        r.register("clients_max", "limits.max_clients: connections beyond it are refused", m.clients_max.clone());
+        r.register("connections", "TCP connections held against max_clients (handshaking or in session)", m.connections.clone());
+        r.register("config_reloads", "SIGHUP reloads, by result", m.config_reloads.clone());
+        r.register("build_info", "Always 1; the version label carries the build", m.build_info.clone());
+        r.register("runtime_poll_delay_seconds", "Time from ready to polled of a probe task (scheduler fairness)", m.poll_delay.clone());
+        r.register("runtime_workers", "Tokio worker threads", m.runtime_workers.clone());
+        r.register("runtime_alive_tasks", "Tokio tasks alive (one per client, plus links and accept loops)", m.runtime_alive_tasks.clone());
+        r.register("runtime_global_queue_depth", "Tasks waiting in the Tokio global (injection) queue", m.runtime_global_queue_depth.clone());
+        r.register("runtime_worker_busy_seconds", "Time Tokio workers spent busy, summed over workers", m.runtime_busy.clone());
+        r.register("runtime_worker_busy_ratio", "Busy share of the Tokio workers over the last second (0 to 1)", m.runtime_busy_ratio.clone());
+        r.register("process_resident_memory_bytes", "Resident set size (/proc/self/statm)", m.resident_memory.clone());
+        if crate::process::open_fds().is_some() {
+            r.register("process_open_fds", "Open file descriptors", m.open_fds.clone());
+        }
+        r.register("process_max_fds", "Soft RLIMIT_NOFILE", m.max_fds.clone());
+        r.register("jemalloc_allocated_bytes", "Bytes allocated by the application (jemalloc stats.allocated; 0 when jemalloc is not the allocator)", m.jemalloc_allocated.clone());
+        r.register("jemalloc_resident_bytes", "Bytes in physically resident data pages mapped by jemalloc (stats.resident)", m.jemalloc_resident.clone());
+        r.register("jemalloc_retained_bytes", "Bytes in virtual memory jemalloc retained but returned to the OS (stats.retained)", m.jemalloc_retained.clone());
         m
     }
 
@@ -178,6 +257,17 @@ impl Metrics {
     pub fn closed(&self, protocol: Protocol, reason: &CloseReason) {
         self.clients.get_or_create(&[("protocol", protocol.as_str())]).dec();
         self.clients_closed.get_or_create(&[("reason", reason.label())]).inc();
+    }
+
+    /// Records one probe's lateness (see `scheduler`).
+    pub fn poll_delayed(&self, delay: Duration) {
+        self.poll_delay.observe(delay.as_secs_f64());
+    }
+
+    /// Counts a SIGHUP reload by result.
+    pub fn reloaded(&self, ok: bool) {
+        let result = if ok { RELOAD_RESULTS[0] } else { RELOAD_RESULTS[1] };
+        self.config_reloads.get_or_create(&[("result", result)]).inc();
     }
 
     /// Counts a client lost before its session.

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::gateway::{Gateway, StartError};
-use crate::runtime::{nofile_warning, raise_nofile_limit};
+use crate::runtime::raise_nofile_limit;
 use crate::systemd;
 
 /// The drain window for SIGINT (an operator at a terminal wants the prompt back).
@@ -32,25 +32,25 @@ pub enum RunError {
 /// # Errors
 /// [`RunError`] when the gateway cannot start, or a second stop signal cut the drain.
 pub async fn run(config: Config) -> Result<(), RunError> {
-    let links: usize = config.services.iter().map(|s| s.links).sum();
     match raise_nofile_limit() {
-        Ok(limit) => {
-            info!(soft = limit.soft, hard = limit.hard, "RLIMIT_NOFILE");
-            if let Some(w) = nofile_warning(limit, config.limits.max_clients, links) {
-                warn!("{w}");
-            }
-        }
+        Ok(limit) => info!(soft = limit.soft, hard = limit.hard, "RLIMIT_NOFILE"),
         Err(e) => warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
+    // The same findings as `edgegate tune --check`, against the raised limits.
+    for finding in crate::preflight::check(&config, &crate::preflight::Host::read()) {
+        warn!(check = finding.check, severity = finding.severity.as_str(), "{}", finding.message);
     }
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
 
     let gateway = Gateway::start(&config).await?;
+    // READY=1 first (every listener and the admin endpoint are bound), then
+    // the watchdog and status refresh from inside the runtime.
+    systemd::ready("serving");
     let status_stop = CancellationToken::new();
     tokio::spawn(systemd::watchdog_and_status(gateway.shared().clone(), status_stop.clone()));
-    systemd::ready("serving");
-    info!(version = env!("CARGO_PKG_VERSION"), "ready");
+    info!(version = env!("CARGO_PKG_VERSION"), admin = %gateway.admin_addr(), "ready");
 
     let window = loop {
         tokio::select! {
@@ -73,12 +73,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 /// SIGHUP: re-read the file; a bad file is logged and the old config stays.
 fn reload(gateway: &Gateway, path: &Path) {
     systemd::reloading();
-    match Config::load(path) {
-        Ok(new) => match gateway.reload(&new) {
-            Ok(()) => {}
-            Err(e) => error!(error = %e, "reload rejected; keeping the running configuration"),
-        },
-        Err(e) => error!(error = %e, "reload rejected; keeping the running configuration"),
+    let result = match Config::load(path) {
+        Ok(new) => gateway.reload(&new).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = &result {
+        error!(error = %e, "reload rejected; keeping the running configuration");
     }
+    gateway.metrics().reloaded(result.is_ok());
     systemd::ready("serving");
 }

@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::http::Response;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
+pub mod framed;
 pub mod load;
 
 /// The client side of a test connection.
@@ -66,8 +67,13 @@ impl TestCert {
         }
     }
 
-    /// A TLS connector that trusts only this certificate.
+    /// A TLS connector that trusts only this certificate (ALPN `http/1.1`).
     pub fn connector(&self) -> TlsConnector {
+        self.connector_alpn(&[b"http/1.1"])
+    }
+
+    /// As [`TestCert::connector`], offering `alpn` (none if empty).
+    pub fn connector_alpn(&self, alpn: &[&[u8]]) -> TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
@@ -78,7 +84,7 @@ impl TestCert {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         TlsConnector::from(Arc::new(config))
     }
 }
@@ -190,6 +196,7 @@ pub struct GatewayBuilder {
     heartbeat: Vec<(String, String)>,
     auth: Vec<(String, String)>,
     drain_window_secs: u64,
+    protocol: &'static str,
 }
 
 impl GatewayBuilder {
@@ -202,7 +209,14 @@ impl GatewayBuilder {
             heartbeat: Vec::new(),
             auth: Vec::new(),
             drain_window_secs: 1,
+            protocol: "websocket",
         }
+    }
+
+    /// Makes the test listener speak the framed protocol.
+    pub fn framed(mut self) -> Self {
+        self.protocol = "framed";
+        self
     }
 
     pub fn links(mut self, n: usize) -> Self {
@@ -236,7 +250,8 @@ impl GatewayBuilder {
     /// The config text this builder produces, with `cert`.
     pub fn toml(&self, cert: &TestCert) -> String {
         let mut t = format!(
-            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\nbacklog = 1024\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\n\n",
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\nprotocol = \"{}\"\nbacklog = 1024\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\n\n",
+            self.protocol,
             cert.cert_path.display(),
             cert.key_path.display()
         );
@@ -320,6 +335,11 @@ impl TestGateway {
         ws_connect(self.addr, &self.cert, path, headers).await
     }
 
+    /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`), on an ephemeral port.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        self.gateway().admin_addr()
+    }
+
     /// Counter or gauge value from the metrics text: the sum of every series
     /// of `name` whose labels contain `labels` (e.g. `reason="slow_reader"`).
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
@@ -390,4 +410,67 @@ pub fn refused_status(e: &tokio_tungstenite::tungstenite::Error) -> Option<u16> 
         tokio_tungstenite::tungstenite::Error::Http(resp) => Some(resp.status().as_u16()),
         _ => None,
     }
+}
+
+/// A reply from the admin endpoint (see [`http_get`]).
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    pub status: u16,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == &name.to_ascii_lowercase())
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A plain HTTP/1.1 request to `addr` (the admin endpoint) with
+/// `Connection: close`; the reply is read to the end.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpReply> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    tcp.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "admin reply timed out"))??;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP reply");
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpReply {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
+}
+
+/// `GET path` on the admin endpoint at `addr`.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<HttpReply> {
+    http_request(addr, "GET", path, &[]).await
 }
