@@ -254,6 +254,10 @@ impl Gateway {
             probe.clone(),
             ops_stop.child_token(),
         ));
+        let backlogs = config.listeners.iter().map(|l| (l.name.clone(), l.backlog)).collect();
+        let watch_shared = shared.clone();
+        let watch_stop = ops_stop.child_token();
+        tokio::spawn(async move { crate::backlog::watch(&watch_shared.metrics, backlogs, watch_stop).await });
         let view = Arc::new(GatewayView::new(registry, shared.clone(), pools.clone(), probe));
         let admin = AdminServer::spawn(admin_listener, view.clone());
 

@@ -14,6 +14,7 @@
 //! - [`config`]: TOML file → raw struct → checked [`config::Config`].
 //! - [`runtime`]: the explicitly built Tokio runtime, `RLIMIT_NOFILE`.
 //! - [`listener`]: bind with backlog; the accept loop (permit, cap, spawn).
+//! - [`backlog`]: kernel accept-queue overflows as metrics and warnings.
 //! - [`tls`]: certificates and the reloadable acceptor.
 //! - [`auth`]: JWT and Origin checks done during the upgrade.
 //! - [`client`]: one client's life: TLS → upgrade (or framed Hello) → session → close.
@@ -51,6 +52,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backlog;
 pub mod client;
 pub mod config;
 pub mod demo;

@@ -94,6 +94,9 @@ pub struct Metrics {
     pub publish_fanout: Histogram,
     pub publish_delivery: Histogram,
     pub drain_closed: Counter<u64, AtomicU64>,
+    /// Host-wide kernel accept-queue overflows since start-up (see `backlog`).
+    pub listen_overflows: Counter,
+    pub listen_drops: Counter,
 
     // Operations: limits, reloads, the scheduler and the process. The
     // scheduler series are sampled by `scheduler::run`, the process series
@@ -164,6 +167,8 @@ impl Metrics {
             publish_fanout: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
             publish_delivery: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             drain_closed: Counter::default(),
+            listen_overflows: Counter::default(),
+            listen_drops: Counter::default(),
             clients_max: Gauge::default(),
             connections: Gauge::default(),
             config_reloads: Family::default(),
@@ -232,6 +237,8 @@ impl Metrics {
         r.register("publish_fanout_clients", "Subscribers reached per publish", m.publish_fanout.clone());
         r.register("publish_delivery_seconds", "Time to queue one publish to every subscriber", m.publish_delivery.clone());
         r.register("drain_closed_clients", "Clients closed with 1001 by a drain", m.drain_closed.clone());
+        r.register("listen_overflows", "Connections the kernel dropped on a full accept queue since start-up (host-wide TcpExt ListenOverflows)", m.listen_overflows.clone());
+        r.register("listen_drops", "Connections the kernel dropped at listen since start-up (host-wide TcpExt ListenDrops)", m.listen_drops.clone());
         r.register("clients_max", "limits.max_clients: connections beyond it are refused", m.clients_max.clone());
         r.register("connections", "TCP connections held against max_clients (handshaking or in session)", m.connections.clone());
         r.register("config_reloads", "SIGHUP reloads, by result", m.config_reloads.clone());

@@ -197,6 +197,7 @@ pub struct GatewayBuilder {
     auth: Vec<(String, String)>,
     drain_window_secs: u64,
     protocol: &'static str,
+    backlog: u32,
 }
 
 impl GatewayBuilder {
@@ -210,7 +211,14 @@ impl GatewayBuilder {
             auth: Vec::new(),
             drain_window_secs: 1,
             protocol: "websocket",
+            backlog: 1024,
         }
+    }
+
+    /// The listener's accept backlog.
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.backlog = backlog;
+        self
     }
 
     /// Makes the test listener speak the framed protocol.
@@ -250,8 +258,9 @@ impl GatewayBuilder {
     /// The config text this builder produces, with `cert`.
     pub fn toml(&self, cert: &TestCert) -> String {
         let mut t = format!(
-            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\nprotocol = \"{}\"\nbacklog = 1024\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\n\n",
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\nprotocol = \"{}\"\nbacklog = {}\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\n\n",
             self.protocol,
+            self.backlog,
             cert.cert_path.display(),
             cert.key_path.display()
         );
