@@ -32,9 +32,12 @@ use crate::topics::Topics;
 
 /// WebSocket read buffer per client. tungstenite allocates it eagerly and
 /// keeps it for the client's life; its 128 KiB default would be ~25× the
-/// whole per-client budget. Larger messages still arrive (the buffer grows
-/// while a big frame is read), they just take more reads.
-pub const WS_READ_BUFFER_BYTES: usize = 1024;
+/// whole per-client budget. It is also the most tungstenite reads per call:
+/// a larger message still arrives whole (the buffer grows to the frame's
+/// length while it is read), in 256-byte copies out of rustls's plaintext
+/// buffer, which costs function calls, not syscalls. Measured: 1 KiB → 256 B
+/// saved ~0.8 KiB per idle client.
+pub const WS_READ_BUFFER_BYTES: usize = 256;
 
 /// Drain closes are issued in steps of this length.
 const DRAIN_TICK: Duration = Duration::from_millis(10);
