@@ -198,6 +198,7 @@ pub struct GatewayBuilder {
     drain_window_secs: u64,
     protocol: &'static str,
     backlog: u32,
+    service_keys: Vec<(String, String)>,
 }
 
 impl GatewayBuilder {
@@ -212,7 +213,14 @@ impl GatewayBuilder {
             drain_window_secs: 1,
             protocol: "websocket",
             backlog: 1024,
+            service_keys: Vec::new(),
         }
+    }
+
+    /// Sets a `[[service]]` key of the test service (value as TOML).
+    pub fn service_key(mut self, key: &str, value: impl ToString) -> Self {
+        self.service_keys.push((key.into(), value.to_string()));
+        self
     }
 
     /// The listener's accept backlog.
@@ -271,6 +279,16 @@ impl GatewayBuilder {
             "[[service]]\nname = \"svc\"\naddresses = [\"{}\"]\nlinks = {}\nping_interval_secs = 1\nping_timeout_secs = 3\nreconnect_min_ms = 20\nreconnect_max_ms = 200\n\n",
             self.service_addr, self.links
         );
+        // Later keys override: strip the defaults they replace.
+        for (k, v) in &self.service_keys {
+            let prefix = format!("{k} = ");
+            t = t
+                .lines()
+                .filter(|l| !l.starts_with(&prefix))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            t = t.trim_end().to_string() + &format!("\n{k} = {v}\n\n");
+        }
         for (section, kv) in [("limits", &self.limits), ("heartbeat", &self.heartbeat), ("auth", &self.auth)] {
             t += &format!("[{section}]\n");
             for (k, v) in kv {
