@@ -214,6 +214,7 @@ async fn upgrade_phase(tls: ClientTls, ctx: &ListenerCtx, settings: &Settings) -
     let mut admission = None;
     let mut auth_error = None;
     let upgraded = {
+        #[allow(clippy::result_large_err)]
         let callback = |req: &Request, resp: Response| admit(req, resp, ctx, settings, &mut admission, &mut auth_error);
         timeout(
             settings.limits.upgrade_timeout,
@@ -288,6 +289,8 @@ fn close_message(code: u16, reason: &str) -> Message {
 
 /// The upgrade callback: route, origin, token. Runs inside tungstenite's
 /// handshake, before the 101 is sent.
+// The error type is tungstenite's callback contract (an HTTP response).
+#[allow(clippy::result_large_err)]
 fn admit(
     req: &Request,
     resp: Response,

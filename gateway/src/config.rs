@@ -65,17 +65,11 @@ pub struct RawConfig {
     pub drain: RawDrain,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRuntime {
     /// 0 means "one less than the number of cores, at least 1".
     pub worker_threads: usize,
-}
-
-impl Default for RawRuntime {
-    fn default() -> Self {
-        Self { worker_threads: 0 }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -341,7 +341,8 @@ async fn write_frames(mut writer: Writer, mut rx: mpsc::Receiver<Frame>, shared:
         }
         shared.metrics.link_frames_out.inc();
         if last || rx.is_empty() {
-            if SinkExt::<Frame>::flush(&mut writer).await.is_err() || last {
+            let flushed = SinkExt::<Frame>::flush(&mut writer).await.is_ok();
+            if !flushed || last {
                 return;
             }
         }

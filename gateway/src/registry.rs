@@ -18,8 +18,10 @@ pub const SHARDS: usize = 256;
 /// Every client past the upgrade.
 #[derive(Debug)]
 pub struct ClientRegistry {
-    shards: Box<[Mutex<HashMap<ClientId, Arc<ClientHandle>>>]>,
+    shards: Box<[Mutex<Shard>]>,
 }
+
+type Shard = HashMap<ClientId, Arc<ClientHandle>>;
 
 impl Default for ClientRegistry {
     fn default() -> Self {
@@ -30,7 +32,7 @@ impl Default for ClientRegistry {
 }
 
 impl ClientRegistry {
-    fn shard(&self, id: ClientId) -> MutexGuard<'_, HashMap<ClientId, Arc<ClientHandle>>> {
+    fn shard(&self, id: ClientId) -> MutexGuard<'_, Shard> {
         // Ids are sequential, so the low bits spread evenly.
         self.shards[(id as usize) % SHARDS]
             .lock()

@@ -28,7 +28,7 @@ pub enum TlsError {
     Config {
         cert: PathBuf,
         key: PathBuf,
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
 }
 
@@ -55,7 +55,7 @@ pub fn server_config(cert_path: &Path, key_path: &Path, protocol: Protocol) -> R
     let mut config = server_config_from(certs, key).map_err(|source| TlsError::Config {
         cert: cert_path.to_owned(),
         key: key_path.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     config.alpn_protocols = alpn(protocol);
     Ok(config)

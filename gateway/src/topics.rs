@@ -33,8 +33,10 @@ type Members = HashMap<ClientId, Arc<ClientHandle>>;
 /// Topic membership for the whole gateway.
 #[derive(Debug)]
 pub struct Topics {
-    shards: Box<[Mutex<HashMap<Arc<str>, Members>>]>,
+    shards: Box<[Mutex<Shard>]>,
 }
+
+type Shard = HashMap<Arc<str>, Members>;
 
 impl Default for Topics {
     fn default() -> Self {
@@ -54,7 +56,7 @@ pub struct Delivery {
 }
 
 impl Topics {
-    fn shard(&self, topic: &str) -> MutexGuard<'_, HashMap<Arc<str>, Members>> {
+    fn shard(&self, topic: &str) -> MutexGuard<'_, Shard> {
         let mut h = DefaultHasher::new();
         topic.hash(&mut h);
         self.shards[(h.finish() as usize) % SHARDS]
