@@ -48,6 +48,7 @@ suite() {
 suite rust cargo test --workspace --locked
 if [ "$ONLY" = all ]; then
     suite appliance bash tests/appliance/run.sh
+    suite monitoring bash tests/monitoring/run.sh
     if [ -x tests/ansible/run.sh ] || [ -f tests/ansible/run.sh ]; then
         suite ansible bash tests/ansible/run.sh
     fi

@@ -77,7 +77,12 @@ impl std::fmt::Display for NotReady {
 }
 
 impl GatewayView {
-    pub fn new(registry: Registry, shared: Arc<Shared>, pools: Vec<Arc<ServicePool>>, probe: Arc<Probe>) -> Self {
+    pub fn new(
+        registry: Registry,
+        shared: Arc<Shared>,
+        pools: Vec<Arc<ServicePool>>,
+        probe: Arc<Probe>,
+    ) -> Self {
         Self {
             registry,
             shared,
@@ -147,7 +152,9 @@ pub struct AdminBindError {
 /// # Errors
 /// [`AdminBindError`] when the address is taken or not local.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminBindError> {
-    TcpListener::bind(addr).await.map_err(|source| AdminBindError { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminBindError { addr, source })
 }
 
 /// A running admin endpoint.
@@ -161,7 +168,9 @@ pub struct AdminServer {
 impl AdminServer {
     /// Serves `view` on `listener` until [`AdminServer::stop`].
     pub fn spawn(listener: TcpListener, view: Arc<GatewayView>) -> AdminServer {
-        let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let stop = CancellationToken::new();
         info!(%addr, "admin endpoint listening (/metrics, /healthz, /readyz)");
         let task = tokio::spawn(serve(listener, view, stop.clone()));
@@ -284,24 +293,38 @@ fn respond<B>(view: &GatewayView, req: &Request<B>) -> Response<Full<Bytes>> {
                 let age = view.probe.last_tick_age();
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("runtime unresponsive: probe last ran {:.1} s ago\n", age.as_secs_f64()),
+                    format!(
+                        "runtime unresponsive: probe last ran {:.1} s ago\n",
+                        age.as_secs_f64()
+                    ),
                 )
             }
         }
         "/readyz" => match view.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
-        "/" => text(StatusCode::OK, "edgegate admin: /metrics /healthz /readyz\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz\n".into()),
+        "/" => text(
+            StatusCode::OK,
+            "edgegate admin: /metrics /healthz /readyz\n".into(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz, /readyz\n".into(),
+        ),
     }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -319,7 +342,11 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
             help = Some((name, text));
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
-            let name = if kind == "counter" { format!("{name}_total") } else { name.to_owned() };
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
             let kind = match kind {
                 "counter" | "gauge" | "histogram" | "summary" => kind,
                 _ => "untyped",

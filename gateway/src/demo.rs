@@ -115,6 +115,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
          \n  clients:  wss://{addr}/echo  (every message comes back through the example service)\
          \n            wss://{addr}/chat  (every message goes to every /chat client)\
          \n  service:  example service on {service} (link protocol, {links} links)\
+         \n  admin:    http://{admin}/metrics  /healthz  /readyz\
          \n  files:    {dir} (self-signed certificate, config)\
          \n\nTry it (the certificate is self-signed):\
          \n  npx wscat --no-check -c wss://{addr}/chat\
@@ -122,6 +123,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
          \n\nCtrl-C stops it.",
         service = opts.service_addr,
         links = config.services[0].links,
+        admin = gateway.admin_addr(),
         dir = dir.display(),
         ip = addr.ip(),
         port = addr.port(),

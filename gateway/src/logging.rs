@@ -36,7 +36,13 @@ pub fn init() -> Output {
     if stderr_is_journal() {
         match tracing_journald::layer() {
             Ok(journal) => {
-                let _ = tracing_subscriber::registry().with(filter()).with(journal).try_init();
+                // Fields keep the default `F_` prefix (`F_LISTENER`, `F_ERROR`), so
+                // none can pose as a trusted journal field.
+                let journal = journal.with_syslog_identifier("edgegate".into());
+                let _ = tracing_subscriber::registry()
+                    .with(filter())
+                    .with(journal)
+                    .try_init();
                 return Output::Journal;
             }
             Err(e) => {

@@ -63,7 +63,13 @@ pub struct Finding {
 
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}", self.severity.as_str(), self.check, self.message)
+        write!(
+            f,
+            "{}: {}: {}",
+            self.severity.as_str(),
+            self.check,
+            self.message
+        )
     }
 }
 
@@ -90,7 +96,10 @@ impl Host {
             .ok()
             .map(|(soft, hard)| NofileLimit { soft, hard });
         let tcp_mem = sysctl("net/ipv4/tcp_mem").and_then(|v| {
-            let n: Vec<u64> = v.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let n: Vec<u64> = v
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
             <[u64; 3]>::try_from(n).ok()
         });
         let port_range = sysctl("net/ipv4/ip_local_port_range").and_then(|v| {
@@ -153,7 +162,13 @@ pub fn check(config: &Config, host: &Host) -> Vec<Finding> {
     let max_clients = config.limits.max_clients as u64;
     let links = total_links(config) as u64;
     let needed = needed_fds(config);
-    let mut add = |severity, check, message: String| out.push(Finding { severity, check, message });
+    let mut add = |severity, check, message: String| {
+        out.push(Finding {
+            severity,
+            check,
+            message,
+        })
+    };
 
     if let Some(limit) = host.nofile {
         if limit.hard < needed {
@@ -265,11 +280,18 @@ pub fn check(config: &Config, host: &Host) -> Vec<Finding> {
                 );
             }
         }
-        let mut ports: Vec<(String, SocketAddr)> = config.listeners.iter().map(|l| (format!("listener {}", l.name), l.bind)).collect();
+        let mut ports: Vec<(String, SocketAddr)> = config
+            .listeners
+            .iter()
+            .map(|l| (format!("listener {}", l.name), l.bind))
+            .collect();
         ports.push(("admin endpoint".into(), config.admin_bind));
         for (what, addr) in ports {
             let port = addr.port();
-            let reserved = host.reserved_ports.iter().any(|&(a, b)| (a..=b).contains(&port));
+            let reserved = host
+                .reserved_ports
+                .iter()
+                .any(|&(a, b)| (a..=b).contains(&port));
             if port != 0 && (lo..=hi).contains(&port) && !reserved {
                 add(
                     Severity::Warning,
@@ -295,7 +317,10 @@ mod tests {
     use super::*;
 
     fn config(max_clients: usize, backlog: u32, bind: &str) -> Config {
-        let dir = std::env::temp_dir().join(format!("edgegate-preflight-{}-{max_clients}-{backlog}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "edgegate-preflight-{}-{max_clients}-{backlog}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let (cert, key) = crate::tls::self_signed().unwrap();
         std::fs::write(dir.join("cert.pem"), cert).unwrap();
@@ -314,7 +339,10 @@ mod tests {
 
     fn roomy() -> Host {
         Host {
-            nofile: Some(NofileLimit { soft: 4_194_304, hard: 4_194_304 }),
+            nofile: Some(NofileLimit {
+                soft: 4_194_304,
+                hard: 4_194_304,
+            }),
             nr_open: Some(4_194_304),
             file_max: Some(8_388_608),
             somaxconn: Some(65_535),
@@ -327,13 +355,19 @@ mod tests {
 
     #[test]
     fn a_roomy_host_has_no_findings() {
-        assert_eq!(check(&config(2_000_000, 65_535, "0.0.0.0:8443"), &roomy()), vec![]);
+        assert_eq!(
+            check(&config(2_000_000, 65_535, "0.0.0.0:8443"), &roomy()),
+            vec![]
+        );
     }
 
     #[test]
     fn a_low_hard_nofile_limit_is_fatal_and_names_the_fix() {
         let host = Host {
-            nofile: Some(NofileLimit { soft: 20_000, hard: 20_000 }),
+            nofile: Some(NofileLimit {
+                soft: 20_000,
+                hard: 20_000,
+            }),
             ..roomy()
         };
         let f = check(&config(100_000, 1024, "0.0.0.0:8443"), &host);
@@ -346,7 +380,10 @@ mod tests {
     #[test]
     fn every_shortfall_is_one_line() {
         let host = Host {
-            nofile: Some(NofileLimit { soft: 1024, hard: 4096 }),
+            nofile: Some(NofileLimit {
+                soft: 1024,
+                hard: 4096,
+            }),
             nr_open: Some(1_048_576),
             file_max: Some(100_000),
             somaxconn: Some(4096),
@@ -359,7 +396,15 @@ mod tests {
         let checks: Vec<_> = f.iter().map(|f| f.check).collect();
         assert_eq!(
             checks,
-            ["nofile", "nr_open", "file_max", "somaxconn", "tcp_mem", "conntrack", "port_range"],
+            [
+                "nofile",
+                "nr_open",
+                "file_max",
+                "somaxconn",
+                "tcp_mem",
+                "conntrack",
+                "port_range"
+            ],
             "{f:#?}"
         );
         assert!(f.iter().all(|f| !f.to_string().contains('\n')));
@@ -369,13 +414,19 @@ mod tests {
 
     #[test]
     fn port_lists_parse_ranges_and_singles() {
-        assert_eq!(parse_port_list("8443,9090-9099\n"), vec![(8443, 8443), (9090, 9099)]);
+        assert_eq!(
+            parse_port_list("8443,9090-9099\n"),
+            vec![(8443, 8443), (9090, 9099)]
+        );
         assert_eq!(parse_port_list("\n"), vec![]);
     }
 
     #[test]
     fn this_host_can_be_read() {
         let h = Host::read();
-        assert!(h.nofile.is_some() && h.somaxconn.is_some() && h.port_range.is_some(), "{h:?}");
+        assert!(
+            h.nofile.is_some() && h.somaxconn.is_some() && h.port_range.is_some(),
+            "{h:?}"
+        );
     }
 }

@@ -53,7 +53,9 @@ pub fn open_fds() -> Option<u64> {
 
 /// The soft `RLIMIT_NOFILE`.
 pub fn max_fds() -> Option<u64> {
-    getrlimit(Resource::RLIMIT_NOFILE).ok().map(|(soft, _)| soft)
+    getrlimit(Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
 }
 
 /// jemalloc's allocated, resident and retained bytes, when jemalloc is the
@@ -120,10 +122,15 @@ mod tests {
             eprintln!("skipped: this kernel does not report the fd count as the size of /proc/self/fd (Linux < 6.2)");
             return;
         };
-        let files: Vec<_> = (0..8).filter_map(|_| std::fs::File::open("/proc/self/statm").ok()).collect();
+        let files: Vec<_> = (0..8)
+            .filter_map(|_| std::fs::File::open("/proc/self/statm").ok())
+            .collect();
         let after = open_fds().expect("still reported");
         // Other tests open and close descriptors concurrently: allow slack.
-        assert!(after + 4 >= before + files.len() as u64, "{before} -> {after}");
+        assert!(
+            after + 4 >= before + files.len() as u64,
+            "{before} -> {after}"
+        );
     }
 
     #[test]

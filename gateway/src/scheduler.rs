@@ -92,7 +92,12 @@ impl Probe {
 /// # Cancel safety
 /// Stops at the next await after `stop` is cancelled; it holds nothing that
 /// needs cleaning up.
-pub async fn run(shared: Arc<Shared>, pools: Vec<Arc<ServicePool>>, probe: Arc<Probe>, stop: CancellationToken) {
+pub async fn run(
+    shared: Arc<Shared>,
+    pools: Vec<Arc<ServicePool>>,
+    probe: Arc<Probe>,
+    stop: CancellationToken,
+) {
     let handle = Handle::current();
     let mut sampler = RuntimeSampler::new(&handle);
     sampler.sample(&handle, &shared.metrics);
@@ -139,9 +144,12 @@ impl RuntimeSampler {
     fn sample(&mut self, handle: &Handle, m: &Metrics) {
         let rm = handle.metrics();
         let workers = rm.num_workers();
-        m.runtime_workers.set(i64::try_from(workers).unwrap_or(i64::MAX));
-        m.runtime_alive_tasks.set(i64::try_from(rm.num_alive_tasks()).unwrap_or(i64::MAX));
-        m.runtime_global_queue_depth.set(i64::try_from(rm.global_queue_depth()).unwrap_or(i64::MAX));
+        m.runtime_workers
+            .set(i64::try_from(workers).unwrap_or(i64::MAX));
+        m.runtime_alive_tasks
+            .set(i64::try_from(rm.num_alive_tasks()).unwrap_or(i64::MAX));
+        m.runtime_global_queue_depth
+            .set(i64::try_from(rm.global_queue_depth()).unwrap_or(i64::MAX));
 
         let busy = total_busy(handle);
         let now = Instant::now();
@@ -163,7 +171,9 @@ impl RuntimeSampler {
 
 fn total_busy(handle: &Handle) -> Duration {
     let rm = handle.metrics();
-    (0..rm.num_workers()).map(|w| rm.worker_total_busy_duration(w)).sum()
+    (0..rm.num_workers())
+        .map(|w| rm.worker_total_busy_duration(w))
+        .sum()
 }
 
 /// What the summary line compares against: the previous line's counters.
@@ -196,21 +206,26 @@ impl Summary {
         let per_sec = |now: u64, before: u64| now.saturating_sub(before) as f64 / secs;
         let links_up: usize = pools.iter().map(|p| p.links_up()).sum();
         let rss_mib = crate::process::resident_bytes().unwrap_or(0) / (1024 * 1024);
+        let rm = handle.metrics();
+        let p99 = percentile(&mut self.delays, 0.99);
+        let max = self.delays.last().copied().unwrap_or_default();
+        // Everything in the message itself: journald shows only MESSAGE by
+        // default, and this is the line people grep.
         info!(
             target: "edgegate::summary",
-            poll_delay_p99_ms = format_args!("{:.3}", percentile(&mut self.delays, 0.99).as_secs_f64() * 1000.0),
-            poll_delay_max_ms = format_args!("{:.3}", self.delays.iter().max().copied().unwrap_or_default().as_secs_f64() * 1000.0),
-            busy = format_args!("{:.2}", m.runtime_busy_ratio.get()),
-            alive_tasks = handle.metrics().num_alive_tasks(),
-            global_queue = handle.metrics().global_queue_depth(),
-            clients = shared.clients.len(),
-            connections = shared.connections(),
-            accepts_per_sec = format_args!("{:.1}", per_sec(accepted, self.accepted)),
-            closes_per_sec = format_args!("{:.1}", per_sec(closed, self.closed)),
-            handshake_failures_per_sec = format_args!("{:.1}", per_sec(failed, self.failed)),
-            links_up,
-            rss_mib,
-            "summary"
+            "summary poll_delay_p99_ms={:.3} poll_delay_max_ms={:.3} busy={:.2} alive_tasks={} global_queue={} \
+             clients={} connections={} accepts_per_sec={:.1} closes_per_sec={:.1} handshake_failures_per_sec={:.1} \
+             links_up={links_up} rss_mib={rss_mib}",
+            p99.as_secs_f64() * 1000.0,
+            max.as_secs_f64() * 1000.0,
+            m.runtime_busy_ratio.get(),
+            rm.num_alive_tasks(),
+            rm.global_queue_depth(),
+            shared.clients.len(),
+            shared.connections(),
+            per_sec(accepted, self.accepted),
+            per_sec(closed, self.closed),
+            per_sec(failed, self.failed),
         );
         self.since = Instant::now();
         self.delays.clear();
@@ -224,7 +239,11 @@ impl Summary {
 fn client_counters(m: &Metrics) -> (u64, u64, u64) {
     let accepted = [Protocol::WebSocket, Protocol::Framed]
         .iter()
-        .map(|p| m.clients_accepted.get_or_create(&[("protocol", p.as_str())]).get())
+        .map(|p| {
+            m.clients_accepted
+                .get_or_create(&[("protocol", p.as_str())])
+                .get()
+        })
         .sum();
     let closed = crate::client::CloseReason::LABELS
         .iter()
@@ -232,12 +251,17 @@ fn client_counters(m: &Metrics) -> (u64, u64, u64) {
         .sum();
     let failed = crate::metrics::Phase::ALL
         .iter()
-        .map(|p| m.handshake_failures.get_or_create(&[("phase", p.as_str())]).get())
+        .map(|p| {
+            m.handshake_failures
+                .get_or_create(&[("phase", p.as_str())])
+                .get()
+        })
         .sum();
     (accepted, closed, failed)
 }
 
-/// The `q` quantile (nearest rank) of `samples`, which it sorts.
+/// The `q` quantile (nearest rank) of `samples`, which it sorts (so the
+/// last sample is the maximum afterwards).
 fn percentile(samples: &mut [Duration], q: f64) -> Duration {
     if samples.is_empty() {
         return Duration::ZERO;
@@ -257,7 +281,10 @@ mod tests {
         assert_eq!(percentile(&mut v, 0.99), Duration::from_millis(99));
         assert_eq!(percentile(&mut v, 1.0), Duration::from_millis(100));
         assert_eq!(percentile(&mut [], 0.99), Duration::ZERO);
-        assert_eq!(percentile(&mut [Duration::from_millis(7)], 0.99), Duration::from_millis(7));
+        assert_eq!(
+            percentile(&mut [Duration::from_millis(7)], 0.99),
+            Duration::from_millis(7)
+        );
     }
 
     #[test]

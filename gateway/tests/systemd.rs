@@ -94,7 +94,10 @@ impl Service {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(edgegate_link::example::run_example_service(listener, stop.clone()));
+        tokio::spawn(edgegate_link::example::run_example_service(
+            listener,
+            stop.clone(),
+        ));
         Self { addr, stop }
     }
 }
@@ -159,7 +162,11 @@ impl Gateway {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let n = match tokio::time::timeout(left, self.notify.recv(&mut buf)).await {
                 Ok(r) => r.unwrap(),
-                Err(_) => panic!("no {line} within {WAIT:?}; got {:?}\nlog:\n{}", self.seen, self.log_text()),
+                Err(_) => panic!(
+                    "no {line} within {WAIT:?}; got {:?}\nlog:\n{}",
+                    self.seen,
+                    self.log_text()
+                ),
             };
             let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
             self.seen.push(msg.clone());
@@ -210,7 +217,9 @@ impl Drop for Gateway {
 fn connector(trusted: &[&str]) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for pem in trusted {
-        roots.add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
+        roots
+            .add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
+            .unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -228,9 +237,17 @@ async fn connect(addr: std::net::SocketAddr, trusted: &[&str]) -> (Ws, Certifica
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .expect("TLS handshake");
-    let presented = tls.get_ref().1.peer_certificates().expect("server certificate")[0].clone().into_owned();
+    let presented = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("server certificate")[0]
+        .clone()
+        .into_owned();
     let url = format!("wss://localhost:{}/echo", addr.port());
-    let (ws, _) = tokio_tungstenite::client_async(url, tls).await.expect("upgrade");
+    let (ws, _) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("upgrade");
     (ws, presented)
 }
 
@@ -275,16 +292,25 @@ async fn notify_sequence_is_ready_watchdog_status_reloading_ready_stopping_and_e
     let ready = gw.expect("READY=1").await;
     assert!(ready.lines().any(|l| l.starts_with("STATUS=")), "{ready:?}");
     assert_eq!(
-        gw.seen.iter().filter(|m| m.lines().any(|l| l == "WATCHDOG=1")).count(),
+        gw.seen
+            .iter()
+            .filter(|m| m.lines().any(|l| l == "WATCHDOG=1"))
+            .count(),
         0,
         "READY=1 is the first notification: {:?}",
         gw.seen
     );
     let log = gw.log_text();
-    assert!(log.contains("listening listener=public"), "READY=1 only after the listener is bound:\n{log}");
+    assert!(
+        log.contains("listening listener=public"),
+        "READY=1 only after the listener is bound:\n{log}"
+    );
 
     let pet = gw.expect("WATCHDOG=1").await;
-    let status = pet.lines().find(|l| l.starts_with("STATUS=")).expect("status refreshed with the watchdog");
+    let status = pet
+        .lines()
+        .find(|l| l.starts_with("STATUS="))
+        .expect("status refreshed with the watchdog");
     assert!(status.contains("0 clients"), "{status}");
     gw.expect("WATCHDOG=1").await;
 
@@ -304,14 +330,28 @@ async fn notify_sequence_is_ready_watchdog_status_reloading_ready_stopping_and_e
     gw.signal(Signal::SIGHUP);
     gw.expect("RELOADING=1").await;
     gw.expect("READY=1").await;
-    assert!(gw.log_text().contains("reload rejected"), "{}", gw.log_text());
-    assert_eq!(admin_metric(admin, "edgegate_config_reloads_total{result=\"rejected\"}").await, Some(1.0));
-    assert_eq!(admin_metric(admin, "edgegate_config_reloads_total{result=\"ok\"}").await, Some(1.0));
-    assert!(gw.child.try_wait().unwrap().is_none(), "still running after a bad reload");
+    assert!(
+        gw.log_text().contains("reload rejected"),
+        "{}",
+        gw.log_text()
+    );
+    assert_eq!(
+        admin_metric(admin, "edgegate_config_reloads_total{result=\"rejected\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        admin_metric(admin, "edgegate_config_reloads_total{result=\"ok\"}").await,
+        Some(1.0)
+    );
+    assert!(
+        gw.child.try_wait().unwrap().is_none(),
+        "still running after a bad reload"
+    );
 
     gw.signal(Signal::SIGTERM);
     gw.expect("STOPPING=1").await;
     assert_eq!(gw.exit_code().await, Some(0), "log:\n{}", gw.log_text());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -350,11 +390,19 @@ async fn sighup_serves_new_certificates_to_new_clients_and_keeps_connected_ones(
     gw.expect("READY=1").await;
 
     let (mut new_client, presented) = connect(addr, &[&old_pem, &new_pem]).await;
-    assert_eq!(presented, new_der, "a client arriving after SIGHUP sees the new certificate");
+    assert_eq!(
+        presented, new_der,
+        "a client arriving after SIGHUP sees the new certificate"
+    );
     echo(&mut new_client, "new").await;
     echo(&mut old_client, "still here").await;
-    assert!(gw.log_text().contains("configuration reloaded"), "{}", gw.log_text());
+    assert!(
+        gw.log_text().contains("configuration reloaded"),
+        "{}",
+        gw.log_text()
+    );
 
     gw.signal(Signal::SIGTERM);
     assert_eq!(gw.exit_code().await, Some(0), "log:\n{}", gw.log_text());
+    let _ = std::fs::remove_dir_all(&dir);
 }

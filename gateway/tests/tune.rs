@@ -26,16 +26,25 @@ fn config(tag: &str, max_clients: u64, backlog: u64) -> PathBuf {
     path
 }
 
+/// Runs `edgegate tune --check` on `path`, then removes the config's directory.
 fn tune_check(path: &PathBuf) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgegate"))
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
         .args(["tune", "--check", "--config"])
         .arg(path)
         .output()
-        .unwrap()
+        .unwrap();
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    out
 }
 
 fn sysctl(key: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/sys/{key}")).ok()?.trim().parse().ok()
+    std::fs::read_to_string(format!("/proc/sys/{key}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[test]
@@ -47,13 +56,24 @@ fn tune_check_reports_a_nofile_limit_below_max_clients_and_exits_1() {
     }
     let out = tune_check(&config("big", hard + 10_000, 128));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = stdout
         .lines()
         .find(|l| l.starts_with("fatal: nofile:"))
         .unwrap_or_else(|| panic!("no nofile line in:\n{stdout}"));
-    assert!(line.contains(&format!("hard RLIMIT_NOFILE of this process is {hard}")), "{line}");
-    assert!(line.contains("LimitNOFILE="), "the line names the fix: {line}");
+    assert!(
+        line.contains(&format!("hard RLIMIT_NOFILE of this process is {hard}")),
+        "{line}"
+    );
+    assert!(
+        line.contains("LimitNOFILE="),
+        "the line names the fix: {line}"
+    );
 }
 
 #[test]
@@ -62,7 +82,12 @@ fn tune_check_passes_a_small_config_with_exit_0() {
     let backlog = sysctl("net/core/somaxconn").map_or(128, |s| s.min(128));
     let out = tune_check(&config("small", 100, backlog));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!stdout.contains("fatal:"), "{stdout}");
     assert!(stdout.contains("0 fatal"), "{stdout}");
 }
@@ -81,7 +106,9 @@ fn tune_check_warns_about_a_backlog_above_somaxconn_without_failing() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
-        stdout.lines().any(|l| l.starts_with("warning: somaxconn: listener public")),
+        stdout
+            .lines()
+            .any(|l| l.starts_with("warning: somaxconn: listener public")),
         "{stdout}"
     );
 }

@@ -11,7 +11,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use edgegate_tests::{http_get, http_request, metric_value, ExampleService, GatewayBuilder, WsClient};
+use edgegate_tests::{
+    http_get, http_request, metric_value, ExampleService, GatewayBuilder, WsClient,
+};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -92,7 +94,12 @@ fn promtool_check_metrics(text: &str) -> Option<String> {
             return None;
         }
     };
-    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("feed promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
     let out = child.wait_with_output().expect("promtool runs");
     eprintln!("promtool check metrics: {}", out.status);
     (!out.status.success()).then(|| {
@@ -107,9 +114,16 @@ fn promtool_check_metrics(text: &str) -> Option<String> {
 #[tokio::test]
 async fn metrics_are_scraped_over_http_and_move_under_load() {
     let service = ExampleService::start().await;
-    let gw = GatewayBuilder::new(service.addr).limit("max_clients", 500).start().await;
+    let gw = GatewayBuilder::new(service.addr)
+        .limit("max_clients", 500)
+        .start()
+        .await;
     let admin = gw.admin_addr();
-    assert_ne!(admin.port(), gw.addr.port(), "admin is never the client port");
+    assert_ne!(
+        admin.port(),
+        gw.addr.port(),
+        "admin is never the client port"
+    );
 
     let before = scrape(admin).await;
     let mut clients = Vec::new();
@@ -123,11 +137,17 @@ async fn metrics_are_scraped_over_http_and_move_under_load() {
     let during = scrape(admin).await;
 
     let v = |text: &str, name: &str, labels: &str| metric_value(text, name, labels);
-    assert_eq!(v(&during, "edgegate_clients", "protocol=\"websocket\""), 5.0);
+    assert_eq!(
+        v(&during, "edgegate_clients", "protocol=\"websocket\""),
+        5.0
+    );
     assert_eq!(v(&during, "edgegate_connections", ""), 5.0);
     assert_eq!(v(&during, "edgegate_clients_max", ""), 500.0);
     assert_eq!(v(&during, "edgegate_links_up", "service=\"svc\""), 2.0);
-    assert!(v(&during, "edgegate_clients_accepted_total", "") >= 5.0 + v(&before, "edgegate_clients_accepted_total", ""));
+    assert!(
+        v(&during, "edgegate_clients_accepted_total", "")
+            >= 5.0 + v(&before, "edgegate_clients_accepted_total", "")
+    );
     assert!(v(&during, "edgegate_client_messages_in_total", "") >= 5.0);
     assert!(v(&during, "edgegate_client_messages_out_total", "") >= 5.0);
     assert!(v(&during, "edgegate_handshake_duration_seconds_count", "") >= 5.0);
@@ -137,10 +157,17 @@ async fn metrics_are_scraped_over_http_and_move_under_load() {
         "the poll-delay probe records samples"
     );
     assert_eq!(
-        v(&during, "edgegate_runtime_poll_delay_seconds_bucket", "le=\"+Inf\""),
+        v(
+            &during,
+            "edgegate_runtime_poll_delay_seconds_bucket",
+            "le=\"+Inf\""
+        ),
         v(&during, "edgegate_runtime_poll_delay_seconds_count", "")
     );
-    assert!(v(&during, "edgegate_runtime_alive_tasks", "") >= 5.0, "one task per client at least");
+    assert!(
+        v(&during, "edgegate_runtime_alive_tasks", "") >= 5.0,
+        "one task per client at least"
+    );
     assert!(v(&during, "edgegate_runtime_workers", "") >= 1.0);
     assert!(v(&during, "edgegate_runtime_worker_busy_seconds_total", "") > 0.0);
     let ratio = v(&during, "edgegate_runtime_worker_busy_ratio", "");
@@ -152,7 +179,10 @@ async fn metrics_are_scraped_over_http_and_move_under_load() {
         assert!(v(&during, "edgegate_process_open_fds", "") >= 10.0);
     }
     // Labels never carry addresses or client ids.
-    assert!(!during.contains("127.0.0.1"), "an address leaked into a label");
+    assert!(
+        !during.contains("127.0.0.1"),
+        "an address leaked into a label"
+    );
 
     for mut ws in clients {
         ws.close(None).await.unwrap();
@@ -184,7 +214,10 @@ async fn known_series_exist_at_zero_from_start_up() {
     let text = scrape(gw.admin_addr()).await;
     let missing: Vec<_> = KNOWN_SERIES.iter().filter(|s| !text.contains(*s)).collect();
     assert!(missing.is_empty(), "missing series {missing:?} in\n{text}");
-    assert_eq!(metric_value(&text, "edgegate_clients_closed_total", ""), 0.0);
+    assert_eq!(
+        metric_value(&text, "edgegate_clients_closed_total", ""),
+        0.0
+    );
 }
 
 #[tokio::test]
@@ -192,13 +225,21 @@ async fn prometheus_gets_openmetrics_and_everyone_else_classic_text() {
     let service = ExampleService::start().await;
     let gw = GatewayBuilder::new(service.addr).start().await;
     let plain = http_get(gw.admin_addr(), "/metrics").await.unwrap();
-    assert!(plain.header("content-type").is_some_and(|c| c.starts_with("text/plain; version=0.0.4")));
-    assert!(plain.body.contains("# TYPE edgegate_clients_accepted_total counter"));
+    assert!(plain
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")));
+    assert!(plain
+        .body
+        .contains("# TYPE edgegate_clients_accepted_total counter"));
     assert!(!plain.body.contains("# EOF"));
 
     let accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
-    let om = http_request(gw.admin_addr(), "GET", "/metrics", &[("Accept", accept)]).await.unwrap();
-    assert!(om.header("content-type").is_some_and(|c| c.starts_with("application/openmetrics-text")));
+    let om = http_request(gw.admin_addr(), "GET", "/metrics", &[("Accept", accept)])
+        .await
+        .unwrap();
+    assert!(om
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("application/openmetrics-text")));
     assert!(om.body.contains("# TYPE edgegate_clients_accepted counter"));
     assert!(om.body.trim_end().ends_with("# EOF"));
 }
@@ -211,15 +252,27 @@ async fn healthz_is_ok_and_unknown_paths_and_methods_are_refused() {
     let h = http_get(admin, "/healthz").await.unwrap();
     assert_eq!((h.status, h.body.as_str()), (200, "ok\n"));
     assert_eq!(http_get(admin, "/nope").await.unwrap().status, 404);
-    assert_eq!(http_request(admin, "POST", "/metrics", &[]).await.unwrap().status, 405);
+    assert_eq!(
+        http_request(admin, "POST", "/metrics", &[])
+            .await
+            .unwrap()
+            .status,
+        405
+    );
     // The client port does not serve admin paths.
-    assert!(http_get(gw.addr, "/metrics").await.map_or(true, |r| r.status != 200));
+    assert!(http_get(gw.addr, "/metrics")
+        .await
+        .map_or(true, |r| r.status != 200));
 }
 
 #[tokio::test]
 async fn readyz_is_503_without_links_and_while_draining_and_admin_stops_last() {
     let service = ExampleService::start().await;
-    let gw = GatewayBuilder::new(service.addr).links(1).drain_window_secs(2).start().await;
+    let gw = GatewayBuilder::new(service.addr)
+        .links(1)
+        .drain_window_secs(2)
+        .start()
+        .await;
     let admin = gw.admin_addr();
     let r = http_get(admin, "/readyz").await.unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
@@ -239,7 +292,9 @@ async fn readyz_is_503_without_links_and_while_draining_and_admin_stops_last() {
     assert_eq!(http_get(admin, "/healthz").await.unwrap().status, 200);
 
     // Service back, then a drain with a client held: 503 "draining" during it.
-    let listener = tokio::net::TcpListener::bind(service_addr_of(&gw)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(service_addr_of(&gw))
+        .await
+        .unwrap();
     let _service = ExampleService::start_on(listener);
     gw.wait_links(1).await;
     assert_eq!(http_get(admin, "/readyz").await.unwrap().status, 200);
@@ -258,10 +313,15 @@ async fn readyz_is_503_without_links_and_while_draining_and_admin_stops_last() {
     }
     assert!(saw_draining, "readyz never said draining");
     drain.await.unwrap();
-    assert!(http_get(admin, "/readyz").await.is_err(), "admin endpoint closed after stop");
+    assert!(
+        http_get(admin, "/readyz").await.is_err(),
+        "admin endpoint closed after stop"
+    );
 }
 
 /// The service address the test gateway dials.
 fn service_addr_of(gw: &edgegate_tests::TestGateway) -> std::net::SocketAddr {
-    gw.config.services[0].addresses[0].parse().expect("service address")
+    gw.config.services[0].addresses[0]
+        .parse()
+        .expect("service address")
 }
