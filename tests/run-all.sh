@@ -46,6 +46,7 @@ suite() {
 }
 
 suite rust cargo test --workspace --locked
+suite bench-smoke bash tests/bench/smoke.sh
 if [ "$ONLY" = all ]; then
     suite appliance bash tests/appliance/run.sh
     suite monitoring bash tests/monitoring/run.sh

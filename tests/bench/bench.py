@@ -437,19 +437,21 @@ def histogram_quantile(before, after, quantile):
 
 
 class PollDelay:
-    """Poll delay p99 between `start()` and `stop()`, from the admin /metrics."""
+    """p50/p99 of a gateway histogram (by default the scheduler poll delay)
+    between `start()` and `stop()`, from the admin /metrics."""
 
-    def __init__(self, admin):
+    def __init__(self, admin, metric=POLL_DELAY_METRIC):
         self.admin = admin
+        self.metric = metric
         self.before = None
 
     def start(self):
-        self.before = histogram_buckets(scrape(self.admin), POLL_DELAY_METRIC)
+        self.before = histogram_buckets(scrape(self.admin), self.metric)
 
     def stop(self):
-        after = histogram_buckets(scrape(self.admin), POLL_DELAY_METRIC)
+        after = histogram_buckets(scrape(self.admin), self.metric)
         if not after:
-            return {"p99_ms": "n/a", "note": f"{POLL_DELAY_METRIC} not exported"}
+            return {"p99_ms": "n/a", "note": f"{self.metric} not exported"}
         p99 = histogram_quantile(self.before, after, 0.99)
         p50 = histogram_quantile(self.before, after, 0.5)
         return {"p99_ms": p99["value_ms"], "p50_ms": p50["value_ms"], "polls": p99["count"]}
@@ -867,15 +869,19 @@ class Bench:
             p.wait("report", 30)
         poll = PollDelay(sys_.admin)
         poll.start()
+        queued = PollDelay(sys_.admin, "edgegate_publish_delivery_seconds")
+        queued.start()
         cpu0 = cpu_secs(sys_.pids())
         procs[0].send(f"publish {a.publishes} {a.publish_interval_ms}")
         procs[0].wait("published", 60 + a.publishes * a.publish_interval_ms / 1000)
         time.sleep(2.0)
         cpu1 = cpu_secs(sys_.pids())
         pd = poll.stop()
+        gateway_queue = queued.stop()
         for p in procs:
             p.send("report")
         out = merge_reports([p.wait("report", 30) for p in procs])
+        out["gateway_queue_all_subscribers"] = gateway_queue
         expected = a.publishes * connected
         deliveries = out["received"]
         out.update({"subscribers": connected, "failed": failed, "publishes": a.publishes,
@@ -934,6 +940,11 @@ class Bench:
         hf = metric_sum(after, "edgegate_handshake_failures_total")
         if hf is not None:
             out["gateway_handshake_failures"] = hf - (metric_sum(mid, "edgegate_handshake_failures_total") or 0)
+        for key, metric in (("listen_overflows", "edgegate_listen_overflows_total"),
+                            ("listen_drops", "edgegate_listen_drops_total")):
+            v = metric_sum(after, metric)
+            if v is not None:
+                out["host_" + key] = v - (metric_sum(mid, metric) or 0)
         del before
         self.load.stop(wit + idle)
         log(f"storm: {out['back']}/{connected} back in {out['back_secs']} s, {out['reconnect_failures']} failures, "
@@ -1058,11 +1069,13 @@ def markdown(results):
         out.append(f"| 4. fan-out: {f['publishes']} publishes to {f['subscribers']} subscribers | "
                    f"p50 {fmt(f['p50_ms'], ' ms', 3)}, p99 {fmt(f['p99_ms'], ' ms', 3)}, max {fmt(f['max_ms'], ' ms', 3)}; "
                    f"{f['deliveries']}/{f['expected_deliveries']} delivered; "
-                   f"{fmt(f['cpu_us_per_delivery'], ' µs', 2)} gateway CPU per delivery |")
+                   f"{fmt(f['cpu_us_per_delivery'], ' µs', 2)} gateway CPU per delivery; gateway's own time to queue "
+                   f"a publish to every subscriber p99 {fmt(f.get('gateway_queue_all_subscribers', {}).get('p99_ms'), ' ms', 3)} |")
     if st:
         out.append(f"| 5. storm: {st['clients']} clients reconnect at once | "
                    f"{st['back']}/{st['clients']} back in {st['back_secs']} s (half in {st['half_back_secs']} s), "
                    f"{st['reconnect_failures']} failed attempts, gateway refused {fmt(st.get('gateway_refused'))}, "
+                   f"accept-queue overflows {fmt(st.get('host_listen_overflows'))}, "
                    f"handshake failures {fmt(st.get('gateway_handshake_failures'))}; witness echo p99 "
                    f"{fmt(st['witness_during']['p99_ms'], ' ms', 3)} during (calm {fmt(st['witness_calm']['p99_ms'], ' ms', 3)}) |")
     for k, label in (("echo", "3 (echo)"), ("fanout", "4 (fan-out)"), ("storm", "5 (storm)")):

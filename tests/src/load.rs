@@ -5,8 +5,8 @@
 //! # Layout
 //! - [`Target`]: where and how to connect (address, path, [`Proto`], sources).
 //! - [`Conn`]: one connected client. The seam between protocols: a WebSocket
-//!   client today, a framed TCP client (`u32` big-endian length + payload after
-//!   TLS) beside it. Everything above `Conn` is protocol-blind.
+//!   client or a framed client (`docs/framed-protocol.md`: `u32` big-endian
+//!   length + type + body after TLS). Everything above `Conn` is protocol-blind.
 //! - [`Role`]: what a client does once connected: hold (answer pings), send
 //!   timed messages at a fixed rate, or publish on command.
 //! - [`Control`]: the state every client watches (sending on/off, storm and
@@ -106,10 +106,11 @@ impl ServerCertVerifier for AcceptAny {
     }
 }
 
-/// A TLS connector for load: no certificate checks, ALPN http/1.1, and no
-/// session resumption, so every connect is a full handshake (the costly case,
-/// and the same work for every system a benchmark compares).
-pub fn insecure_connector() -> TlsConnector {
+/// A TLS connector for load: no certificate checks, the protocol's ALPN
+/// (`http/1.1` or `edgegate/1`), and no session resumption, so every connect
+/// is a full handshake (the costly case, and the same work for every system a
+/// benchmark compares).
+pub fn insecure_connector(proto: Proto) -> TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -117,7 +118,10 @@ pub fn insecure_connector() -> TlsConnector {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![match proto {
+        Proto::WebSocket => b"http/1.1".to_vec(),
+        Proto::Framed => FRAMED_ALPN.to_vec(),
+    }];
     config.resumption = rustls::client::Resumption::disabled();
     TlsConnector::from(Arc::new(config))
 }
@@ -127,8 +131,24 @@ pub fn insecure_connector() -> TlsConnector {
 pub enum Proto {
     /// HTTP/1.1 upgrade to WebSocket on `Target::path`.
     WebSocket,
-    /// Frames of `u32` big-endian length + payload; the path is not sent.
+    /// EdgeGate's framed protocol (`docs/framed-protocol.md`): frames of
+    /// `u32` big-endian length + type + body; Hello carries `Target::path` as
+    /// the route.
     Framed,
+}
+
+/// ALPN of the framed protocol.
+pub const FRAMED_ALPN: &[u8] = b"edgegate/1";
+
+/// Frame types of the framed protocol (`docs/framed-protocol.md`).
+mod frame {
+    pub const HELLO: u8 = 0x01;
+    pub const WELCOME: u8 = 0x02;
+    pub const TEXT: u8 = 0x03;
+    pub const BINARY: u8 = 0x04;
+    pub const PING: u8 = 0x05;
+    pub const PONG: u8 = 0x06;
+    pub const CLOSE: u8 = 0x07;
 }
 
 impl std::str::FromStr for Proto {
@@ -174,7 +194,7 @@ impl Conn {
     pub async fn send(&mut self, payload: Bytes) -> Result<(), BoxError> {
         match self {
             Conn::Ws(ws) => ws.send(Message::Binary(payload)).await?,
-            Conn::Framed(f) => f.send(payload).await?,
+            Conn::Framed(f) => f.send(typed_frame(frame::BINARY, &payload)).await?,
         }
         Ok(())
     }
@@ -196,11 +216,57 @@ impl Conn {
                     Err(e) => return Some(Err(e.into())),
                 }
             },
-            Conn::Framed(f) => match f.next().await? {
-                Ok(b) => Some(Ok(b.freeze())),
-                Err(e) => Some(Err(e.into())),
+            Conn::Framed(f) => loop {
+                let mut b = match f.next().await? {
+                    Ok(b) => b,
+                    Err(e) => return Some(Err(e.into())),
+                };
+                if b.is_empty() {
+                    return Some(Err("empty frame".into()));
+                }
+                let kind = b[0];
+                let body = b.split_off(1).freeze();
+                match kind {
+                    frame::TEXT | frame::BINARY => return Some(Ok(body)),
+                    // Cancel safety: a pong lost to cancellation only costs a
+                    // heartbeat; the gateway pings again.
+                    frame::PING => {
+                        if let Err(e) = f.send(typed_frame(frame::PONG, &body)).await {
+                            return Some(Err(e.into()));
+                        }
+                    }
+                    frame::CLOSE => return None,
+                    _ => continue,
+                }
             },
         }
+    }
+}
+
+/// A framed-protocol frame body: type byte + body (the codec adds the length).
+fn typed_frame(kind: u8, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(1 + body.len());
+    b.put_u8(kind);
+    b.put_slice(body);
+    b.freeze()
+}
+
+/// The framed protocol's opening: Hello (route, empty token), then Welcome.
+async fn framed_hello(f: &mut Framed<TlsStream<TcpStream>, LengthDelimitedCodec>, route: &str) -> Result<(), BoxError> {
+    let mut hello = BytesMut::with_capacity(1 + 2 + route.len() + 2);
+    hello.put_u8(frame::HELLO);
+    hello.put_u16(u16::try_from(route.len()).map_err(|_| "route longer than 65535 bytes")?);
+    hello.put_slice(route.as_bytes());
+    hello.put_u16(0);
+    f.send(hello.freeze()).await?;
+    match f.next().await {
+        Some(Ok(b)) if b.first() == Some(&frame::WELCOME) => Ok(()),
+        Some(Ok(b)) if b.first() == Some(&frame::CLOSE) && b.len() >= 3 => {
+            Err(format!("refused with close code {}", u16::from_be_bytes([b[1], b[2]])).into())
+        }
+        Some(Ok(b)) => Err(format!("expected Welcome, got frame type {:?}", b.first()).into()),
+        Some(Err(e)) => Err(e.into()),
+        None => Err("closed before Welcome".into()),
     }
 }
 
@@ -214,6 +280,7 @@ pub async fn connect(target: &Target, source: IpAddr) -> Result<Conn, BoxError> 
     } else {
         TcpSocket::new_v6()?
     };
+    bind_address_no_port(&socket)?;
     socket.bind(SocketAddr::new(source, 0))?;
     let tcp = socket.connect(target.addr).await?;
     tcp.set_nodelay(true)?;
@@ -238,8 +305,35 @@ pub async fn connect(target: &Target, source: IpAddr) -> Result<Conn, BoxError> 
                 .big_endian()
                 .max_frame_length(MAX_FRAME_BYTES)
                 .new_codec();
-            Ok(Conn::Framed(Framed::new(tls, codec)))
+            let mut framed = Framed::new(tls, codec);
+            framed_hello(&mut framed, &target.path).await?;
+            Ok(Conn::Framed(framed))
         }
+    }
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT`: `bind()` fixes only the source address
+/// and the port is chosen at `connect()` by the whole 4-tuple. Without it each
+/// `bind()` reserves a port on every address for this socket alone, and on
+/// loopback the clients' ports starve other connects on the host (a proxy's
+/// connections to its backend fail with EADDRNOTAVAIL).
+fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, a c_int option value and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::addr_of!(one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -131,13 +131,16 @@ where
     Ok(())
 }
 
+/// One system's line: name, colour, points.
+type Series = (&'static str, RGBColor, Vec<(f64, f64)>);
+
 const PERCENTILES: [(&str, &str); 4] = [("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms"), ("max", "max_ms")];
 
 fn latency_chart<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, systems: &Value) -> Result<(), Error>
 where
     DB::ErrorType: 'static,
 {
-    let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = SYSTEMS
+    let series: Vec<Series> = SYSTEMS
         .iter()
         .filter_map(|(name, colour)| {
             let echo = &systems[*name]["echo"];

@@ -66,7 +66,8 @@ struct Args {
     /// TLS server name (SNI) and Host header.
     #[arg(long, default_value = "localhost")]
     server_name: String,
-    /// Client protocol: `ws` (WebSocket) or `framed` (u32 BE length + payload).
+    /// Client protocol: `ws` (WebSocket) or `framed` (docs/framed-protocol.md;
+    /// `--path` is the route sent in Hello).
     #[arg(long, default_value = "ws")]
     proto: Proto,
     #[arg(long, value_enum, default_value = "idle")]
@@ -137,7 +138,7 @@ async fn run(args: Args, sources: Vec<std::net::IpAddr>) {
         server_name: args.server_name.clone(),
         proto: args.proto,
         sources,
-        connector: insecure_connector(),
+        connector: insecure_connector(args.proto),
     });
     let shared = Arc::new(Shared::new(args.payload_bytes));
     let (control_tx, control) = watch::channel(Control {
