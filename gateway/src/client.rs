@@ -113,6 +113,10 @@ impl CloseReason {
 pub const HEARTBEAT_TIMEOUT_CODE: u16 = 4408;
 /// Bound on the close handshake once a close frame is sent.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection may hold a handshake permit without sending a byte.
+/// A client sends its ClientHello one half round trip after the accept;
+/// 500 ms covers slow mobile links.
+pub const FIRST_BYTES_WAIT: Duration = Duration::from_millis(500);
 /// A slow reader's socket is full: its close frame gets this long.
 const SLOW_READER_CLOSE_TIMEOUT: Duration = Duration::from_millis(100);
 /// A ping due within this much is sent now rather than after another timer.
@@ -149,7 +153,11 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, id: ClientId, ctx: Arc<L
     let started = Instant::now();
     let _ = stream.set_nodelay(true);
 
-    let Some(tls) = Box::pin(tls_phase(stream, &ctx, &settings)).await else {
+    let deadline = started + settings.limits.handshake_timeout;
+    let Some(permit) = Box::pin(first_bytes(&stream, permit, &ctx, deadline)).await else {
+        return handshake_failed(shared, Phase::Tls);
+    };
+    let Some(tls) = Box::pin(tls_phase(stream, &ctx, deadline)).await else {
         return handshake_failed(shared, Phase::Tls);
     };
     let protocol = ctx.protocol;
@@ -192,10 +200,43 @@ fn session_started(shared: &Shared, protocol: Protocol, started: Instant) {
     shared.metrics.clients.get_or_create(&[("protocol", protocol)]).inc();
 }
 
-/// TLS handshake, bounded by `handshake_timeout_secs`.
-async fn tls_phase(stream: TcpStream, ctx: &ListenerCtx, settings: &Settings) -> Option<ClientTls> {
+/// Keeps the handshake permit only for a client that talks: a real client
+/// sends its ClientHello right after connecting. One that sends nothing for
+/// [`FIRST_BYTES_WAIT`] gives its permit back and waits without one (until
+/// the handshake deadline), then queues for a permit again when bytes
+/// arrive. So connections that send nothing cannot hold every permit and
+/// lock new clients out for a whole handshake timeout.
+async fn first_bytes(
+    stream: &TcpStream,
+    permit: OwnedSemaphorePermit,
+    ctx: &ListenerCtx,
+    deadline: Instant,
+) -> Option<OwnedSemaphorePermit> {
+    // `peek` waits for a byte that is really there (readiness alone can be
+    // a false positive) and leaves it for rustls.
+    let mut byte = [0u8; 1];
+    match timeout(FIRST_BYTES_WAIT, stream.peek(&mut byte)).await {
+        Ok(Ok(n)) if n > 0 => return Some(permit),
+        Ok(_) => return None, // closed or failed
+        Err(_) => drop(permit),
+    }
+    match tokio::time::timeout_at(deadline, stream.peek(&mut byte)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => {
+            debug!("no client hello before the handshake deadline");
+            return None;
+        }
+    }
+    tokio::time::timeout_at(deadline, ctx.permits.clone().acquire_owned())
+        .await
+        .ok()?
+        .ok()
+}
+
+/// TLS handshake, bounded by `handshake_timeout_secs` from accept.
+async fn tls_phase(stream: TcpStream, ctx: &ListenerCtx, deadline: Instant) -> Option<ClientTls> {
     let acceptor = ctx.tls.get();
-    match timeout(settings.limits.handshake_timeout, acceptor.accept(stream)).await {
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(Box::new(tls)),
         Ok(Err(e)) => {
             debug!(error = %e, "tls handshake failed");

@@ -176,7 +176,7 @@ impl Default for RawLimits {
     fn default() -> Self {
         Self {
             max_clients: 100_000,
-            handshake_permits: 256,
+            handshake_permits: 0,
             handshake_timeout_secs: 10,
             upgrade_timeout_secs: 10,
             max_message_bytes: 64 * 1024,
@@ -583,9 +583,6 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     if l.max_clients == 0 {
         return Err(invalid(path, "limits.max_clients", "must be at least 1"));
     }
-    if l.handshake_permits == 0 {
-        return Err(invalid(path, "limits.handshake_permits", "must be at least 1"));
-    }
     if l.max_message_bytes < 125 || l.max_message_bytes > 64 << 20 {
         return Err(invalid(
             path,
@@ -609,7 +606,10 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let limits = Limits {
         max_clients: l.max_clients,
-        handshake_permits: l.handshake_permits,
+        handshake_permits: match l.handshake_permits {
+            0 => HANDSHAKE_PERMITS_PER_WORKER * worker_threads,
+            n => n,
+        },
         handshake_timeout: secs(path, "limits.handshake_timeout_secs", l.handshake_timeout_secs)?,
         upgrade_timeout: secs(path, "limits.upgrade_timeout_secs", l.upgrade_timeout_secs)?,
         max_message_bytes: l.max_message_bytes,
@@ -699,6 +699,14 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         drain_window: Duration::from_secs(raw.drain.drain_window_secs),
     })
 }
+
+/// Default handshake permits per worker thread (`handshake_permits = 0`).
+/// A TLS handshake's first server step is ~150 µs of CPU in one poll; with
+/// 16 per worker ready at once, a client task waits a few milliseconds behind
+/// them at worst. Measured on 2 workers, 15k clients reconnecting at once:
+/// 256 permits → all back in 6.0 s, poll delay p99 120 ms; 32 → 3.9 s and
+/// 17 ms; 8 → 5.2 s (the accept queue overflows more) and 9 ms.
+pub const HANDSHAKE_PERMITS_PER_WORKER: usize = 16;
 
 /// One less than the number of cores, at least 1: the kernel's network
 /// processing (softirq) needs a core too, and production found fairness

@@ -237,6 +237,7 @@ impl Gateway {
                 routes: l.routes.clone(),
                 services: pools.clone(),
                 tls: ReloadableAcceptor::new(tls),
+                permits: permits.clone(),
                 shared: shared.clone(),
             });
             info!(listener = %l.name, %addr, protocol = l.protocol.as_str(), backlog = l.backlog, "listening");

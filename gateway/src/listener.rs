@@ -61,6 +61,8 @@ pub struct ListenerCtx {
     /// The link pools, indexed by the config's service order.
     pub services: Vec<Arc<crate::link::ServicePool>>,
     pub tls: ReloadableAcceptor,
+    /// The handshake permits shared by every listener (see [`accept_loop`]).
+    pub permits: Arc<Semaphore>,
     pub shared: Arc<Shared>,
 }
 

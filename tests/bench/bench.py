@@ -505,7 +505,7 @@ class EdgeGate(System):
         self.admin = f"http://127.0.0.1:{admin_port}"
         cert, key, _ = self.cert
         config = os.path.join(self.work, "edgegate.toml")
-        self.settings = {"worker_threads": self.workers, "max_clients": 19500, "handshake_permits": 256,
+        self.settings = {"worker_threads": self.workers, "max_clients": 19500, "handshake_permits": "0 (16 per worker)",
                          "links": 2, "heartbeat": "ping 30 s, timeout 75 s", "backlog": 4096}
         with open(config, "w") as f:
             f.write(f"""[runtime]
@@ -538,7 +538,7 @@ links = 2
 
 [limits]
 max_clients = 19500
-handshake_permits = 256
+handshake_permits = 0
 
 [heartbeat]
 ping_interval_secs = 30

@@ -112,7 +112,7 @@ links = 2
 
 [limits]
 max_clients = 19000
-handshake_permits = 256
+handshake_permits = 0
 
 [heartbeat]
 ping_interval_secs = 30
