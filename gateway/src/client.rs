@@ -155,17 +155,17 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, id: ClientId, ctx: Arc<L
 
     let deadline = started + settings.limits.handshake_timeout;
     let Some(permit) = Box::pin(first_bytes(&stream, permit, &ctx, deadline)).await else {
-        return handshake_failed(shared, Phase::Tls);
+        return handshake_failed(shared, addr, Phase::Tls);
     };
     let Some(tls) = Box::pin(tls_phase(stream, &ctx, deadline)).await else {
-        return handshake_failed(shared, Phase::Tls);
+        return handshake_failed(shared, addr, Phase::Tls);
     };
     let protocol = ctx.protocol;
     let reason = match protocol {
         Protocol::WebSocket => {
             let (ws, admission) = match Box::pin(upgrade_phase(tls, &ctx, &settings)).await {
                 Ok(upgraded) => upgraded,
-                Err(phase) => return handshake_failed(shared, phase),
+                Err(phase) => return handshake_failed(shared, addr, phase),
             };
             drop(permit);
             session_started(shared, protocol, started);
@@ -175,7 +175,7 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, id: ClientId, ctx: Arc<L
         Protocol::Framed => {
             let (client, admission) = match Box::pin(hello_phase(tls, &ctx, &settings)).await {
                 Ok(opened) => opened,
-                Err(phase) => return handshake_failed(shared, phase),
+                Err(phase) => return handshake_failed(shared, addr, phase),
             };
             drop(permit);
             session_started(shared, protocol, started);
@@ -185,12 +185,12 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, id: ClientId, ctx: Arc<L
     };
     debug!(reason = reason.label(), "client closed");
     shared.metrics.closed(protocol, &reason);
-    shared.release_connection();
+    shared.release_connection(addr.ip());
 }
 
-fn handshake_failed(shared: &Shared, phase: Phase) {
+fn handshake_failed(shared: &Shared, addr: SocketAddr, phase: Phase) {
     shared.metrics.handshake_failed(phase);
-    shared.release_connection();
+    shared.release_connection(addr.ip());
 }
 
 fn session_started(shared: &Shared, protocol: Protocol, started: Instant) {

@@ -162,6 +162,7 @@ fn default_reconnect_max_ms() -> u64 {
 #[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
     pub max_clients: usize,
+    pub max_clients_per_address: usize,
     pub handshake_permits: usize,
     pub handshake_timeout_secs: u64,
     pub upgrade_timeout_secs: u64,
@@ -176,6 +177,7 @@ impl Default for RawLimits {
     fn default() -> Self {
         Self {
             max_clients: 100_000,
+            max_clients_per_address: 0,
             handshake_permits: 0,
             handshake_timeout_secs: 10,
             upgrade_timeout_secs: 10,
@@ -334,6 +336,8 @@ impl SlowReaderPolicy {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_clients: usize,
+    /// 0 = no per-address limit.
+    pub max_clients_per_address: usize,
     pub handshake_permits: usize,
     pub handshake_timeout: Duration,
     pub upgrade_timeout: Duration,
@@ -606,6 +610,7 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let limits = Limits {
         max_clients: l.max_clients,
+        max_clients_per_address: l.max_clients_per_address,
         handshake_permits: match l.handshake_permits {
             0 => HANDSHAKE_PERMITS_PER_WORKER * worker_threads,
             n => n,

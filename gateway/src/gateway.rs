@@ -84,6 +84,9 @@ pub struct Shared {
     /// TCP connections held (handshaking or in session), against `max_clients`.
     connections: AtomicUsize,
     max_clients: AtomicUsize,
+    /// 0 = no per-address limit.
+    max_clients_per_address: AtomicUsize,
+    addresses: crate::registry::AddressCounts,
     next_id: AtomicU64,
     draining: AtomicBool,
 }
@@ -98,16 +101,27 @@ impl Shared {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Counts a new connection unless `max_clients` is reached.
-    pub fn try_take_connection(&self) -> bool {
+    /// Counts a new connection from `ip` unless `max_clients` or
+    /// `max_clients_per_address` is reached; says which refused it.
+    pub fn try_take_connection(&self, ip: std::net::IpAddr) -> Result<(), Refused> {
         let max = self.max_clients.load(Ordering::Relaxed);
         self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
-            .is_ok()
+            .map_err(|_| Refused::MaxClients)?;
+        let per_address = self.max_clients_per_address.load(Ordering::Relaxed);
+        if per_address > 0 && !self.addresses.try_take(ip, u32::try_from(per_address).unwrap_or(u32::MAX)) {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::PerAddress);
+        }
+        Ok(())
     }
 
-    pub fn release_connection(&self) {
+    /// Forgets a connection counted by [`Shared::try_take_connection`].
+    pub fn release_connection(&self, ip: std::net::IpAddr) {
         self.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.max_clients_per_address.load(Ordering::Relaxed) > 0 {
+            self.addresses.release(ip);
+        }
     }
 
     /// Connections held, handshaking or in session.
@@ -118,6 +132,15 @@ impl Shared {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+}
+
+/// Why a connection was closed at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `limits.max_clients` reached.
+    MaxClients,
+    /// `limits.max_clients_per_address` reached for this address.
+    PerAddress,
 }
 
 /// Why the gateway could not start.
@@ -195,6 +218,8 @@ impl Gateway {
             settings: RwLock::new(Arc::new(Settings::from_config(config)?)),
             connections: AtomicUsize::new(0),
             max_clients: AtomicUsize::new(config.limits.max_clients),
+            max_clients_per_address: AtomicUsize::new(config.limits.max_clients_per_address),
+            addresses: crate::registry::AddressCounts::default(),
             next_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
         });
@@ -363,6 +388,9 @@ impl Gateway {
             ctx.tls.replace(c);
         }
         *self.shared.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        self.shared
+            .max_clients_per_address
+            .store(config.limits.max_clients_per_address, Ordering::Relaxed);
         self.shared
             .max_clients
             .store(config.limits.max_clients, Ordering::Relaxed);

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{warn, Instrument};
 
 use crate::config::Protocol;
-use crate::gateway::Shared;
+use crate::gateway::{Refused, Shared};
 use crate::metrics::AcceptError;
 use crate::tls::ReloadableAcceptor;
 
@@ -106,8 +106,11 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, permits: 
                 continue;
             }
         };
-        if !shared.try_take_connection() {
-            shared.metrics.clients_refused.inc();
+        if let Err(refused) = shared.try_take_connection(addr.ip()) {
+            match refused {
+                Refused::MaxClients => shared.metrics.clients_refused.inc(),
+                Refused::PerAddress => shared.metrics.clients_refused_per_address.inc(),
+            };
             // Closed before any TLS work: the cheapest refusal there is.
             drop(stream);
             continue;

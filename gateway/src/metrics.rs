@@ -75,6 +75,7 @@ pub struct Metrics {
     pub clients_accepted: Family<Labels, Counter>,
     pub clients_closed: Family<Labels, Counter>,
     pub clients_refused: Counter,
+    pub clients_refused_per_address: Counter,
     pub handshake_failures: Family<Labels, Counter>,
     pub handshake_duration: Histogram,
     pub accept_errors: Family<Labels, Counter>,
@@ -148,6 +149,7 @@ impl Metrics {
             clients_accepted: Family::default(),
             clients_closed: Family::default(),
             clients_refused: Counter::default(),
+            clients_refused_per_address: Counter::default(),
             handshake_failures: Family::default(),
             handshake_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             accept_errors: Family::default(),
@@ -218,6 +220,7 @@ impl Metrics {
         r.register("clients_accepted", "Clients that completed TLS and upgrade", m.clients_accepted.clone());
         r.register("clients_closed", "Client sessions ended, by close reason", m.clients_closed.clone());
         r.register("clients_refused", "Connections closed at accept because max_clients was reached", m.clients_refused.clone());
+        r.register("clients_refused_per_address", "Connections closed at accept because their address reached max_clients_per_address", m.clients_refused_per_address.clone());
         r.register("handshake_failures", "Clients lost before their session, by phase", m.handshake_failures.clone());
         r.register("handshake_duration_seconds", "Accept to session start (TLS + upgrade + auth)", m.handshake_duration.clone());
         r.register("accept_errors", "accept(2) errors, by kind", m.accept_errors.clone());

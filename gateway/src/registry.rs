@@ -76,3 +76,75 @@ impl ClientRegistry {
             .collect()
     }
 }
+
+/// Connections per client address, for `limits.max_clients_per_address`.
+/// Sharded like the registry; an address's entry is removed when its count
+/// returns to zero, so memory follows the addresses connected now.
+#[derive(Debug)]
+pub struct AddressCounts {
+    shards: Box<[Mutex<HashMap<std::net::IpAddr, u32>>]>,
+}
+
+impl Default for AddressCounts {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl AddressCounts {
+    fn shard(&self, ip: std::net::IpAddr) -> MutexGuard<'_, HashMap<std::net::IpAddr, u32>> {
+        let i = match ip {
+            std::net::IpAddr::V4(v4) => u32::from(v4) as usize,
+            std::net::IpAddr::V6(v6) => (u128::from(v6) as usize) ^ ((u128::from(v6) >> 64) as usize),
+        };
+        self.shards[i % SHARDS].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a connection from `ip` unless it already has `max`.
+    pub fn try_take(&self, ip: std::net::IpAddr, max: u32) -> bool {
+        let mut shard = self.shard(ip);
+        let n = shard.entry(ip).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                shard.remove(&ip);
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Forgets one connection from `ip` (saturating: a limit enabled by a
+    /// reload did not count the connections that were already there).
+    pub fn release(&self, ip: std::net::IpAddr) {
+        let mut shard = self.shard(ip);
+        if let Some(n) = shard.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                shard.remove(&ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_counts_cap_one_address_and_forget_it_at_zero() {
+        let a = AddressCounts::default();
+        let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(a.try_take(ip, 2) && a.try_take(ip, 2));
+        assert!(!a.try_take(ip, 2));
+        assert!(a.try_take("192.0.2.2".parse().unwrap(), 2));
+        a.release(ip);
+        assert!(a.try_take(ip, 2));
+        a.release(ip);
+        a.release(ip);
+        a.release(ip); // saturates
+        assert!(a.shard(ip).get(&ip).is_none());
+    }
+}
