@@ -50,6 +50,7 @@ suite bench-smoke bash tests/bench/smoke.sh
 if [ "$ONLY" = all ]; then
     suite appliance bash tests/appliance/run.sh
     suite monitoring bash tests/monitoring/run.sh
+    suite tlsscan bash tests/hostile/tlsscan.sh
     if [ -x tests/ansible/run.sh ] || [ -f tests/ansible/run.sh ]; then
         suite ansible bash tests/ansible/run.sh
     fi
