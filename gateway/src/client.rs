@@ -113,10 +113,10 @@ impl CloseReason {
 pub const HEARTBEAT_TIMEOUT_CODE: u16 = 4408;
 /// Bound on the close handshake once a close frame is sent.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a connection may hold a handshake permit without sending a byte.
-/// A client sends its ClientHello one half round trip after the accept;
-/// 500 ms covers slow mobile links.
-pub const FIRST_BYTES_WAIT: Duration = Duration::from_millis(500);
+/// How long a connection may hold a handshake permit before its whole
+/// ClientHello has arrived. A client sends it one half round trip after the
+/// accept; 500 ms covers slow mobile links.
+pub const CLIENT_HELLO_WAIT: Duration = Duration::from_millis(500);
 /// A slow reader's socket is full: its close frame gets this long.
 const SLOW_READER_CLOSE_TIMEOUT: Duration = Duration::from_millis(100);
 /// A ping due within this much is sent now rather than after another timer.
@@ -142,7 +142,8 @@ type ClientWs = Box<tokio_tungstenite::WebSocketStream<tokio_rustls::server::Tls
 type ClientFramed = Box<FramedClient<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// Runs one client from accepted socket to close. Spawned by the accept loop
-/// with a handshake permit, which is released when the upgrade completes.
+/// with a handshake permit, which is released when TLS completes (see
+/// [`tls_phase`]).
 ///
 /// Each handshake phase runs in its own boxed future that returns a boxed
 /// stream: its state is freed when it ends, and only a pointer crosses into
@@ -154,10 +155,7 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, id: ClientId, ctx: Arc<L
     let _ = stream.set_nodelay(true);
 
     let deadline = started + settings.limits.handshake_timeout;
-    let Some(permit) = Box::pin(first_bytes(&stream, permit, &ctx, deadline)).await else {
-        return handshake_failed(shared, addr, Phase::Tls);
-    };
-    let Some(tls) = Box::pin(tls_phase(stream, &ctx, deadline)).await else {
+    let Some(tls) = Box::pin(tls_phase(stream, permit, &ctx, deadline)).await else {
         return handshake_failed(shared, addr, Phase::Tls);
     };
     let protocol = ctx.protocol;
@@ -167,7 +165,6 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, id: ClientId, ctx: Arc<L
                 Ok(upgraded) => upgraded,
                 Err(phase) => return handshake_failed(shared, addr, phase),
             };
-            drop(permit);
             session_started(shared, protocol, started);
             let pool = ctx.services[admission.service].clone();
             run_session(ws, id, addr, admission, &pool, shared, &settings).await
@@ -177,7 +174,6 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, id: ClientId, ctx: Arc<L
                 Ok(opened) => opened,
                 Err(phase) => return handshake_failed(shared, addr, phase),
             };
-            drop(permit);
             session_started(shared, protocol, started);
             let pool = ctx.services[admission.service].clone();
             run_session(client, id, addr, admission, &pool, shared, &settings).await
@@ -200,53 +196,65 @@ fn session_started(shared: &Shared, protocol: Protocol, started: Instant) {
     shared.metrics.clients.get_or_create(&[("protocol", protocol)]).inc();
 }
 
-/// Keeps the handshake permit only for a client that talks: a real client
-/// sends its ClientHello right after connecting. One that sends nothing for
-/// [`FIRST_BYTES_WAIT`] gives its permit back and waits without one (until
-/// the handshake deadline), then queues for a permit again when bytes
-/// arrive. So connections that send nothing cannot hold every permit and
-/// lock new clients out for a whole handshake timeout.
-async fn first_bytes(
-    stream: &TcpStream,
+/// The TLS handshake, bounded by `handshake_timeout_secs` from accept, with
+/// the handshake permit held only while the client is making progress:
+///
+/// - The permit taken by the accept loop covers reading the ClientHello for
+///   [`CLIENT_HELLO_WAIT`]: a real client sends it at once. A connection that
+///   has not sent a whole ClientHello by then gives the permit back, keeps
+///   reading without one, and queues for a permit again once it has.
+/// - The permit covers the handshake's CPU work and is released when TLS
+///   completes, not after the upgrade: dripping HTTP headers holds no permit.
+///
+/// So connections that send nothing, or one byte, cannot hold every permit
+/// and lock new clients out; storms are still shaped where they cost (the
+/// key exchange and signature).
+async fn tls_phase(
+    stream: TcpStream,
     permit: OwnedSemaphorePermit,
     ctx: &ListenerCtx,
     deadline: Instant,
-) -> Option<OwnedSemaphorePermit> {
-    // `peek` waits for a byte that is really there (readiness alone can be
-    // a false positive) and leaves it for rustls.
-    let mut byte = [0u8; 1];
-    match timeout(FIRST_BYTES_WAIT, stream.peek(&mut byte)).await {
-        Ok(Ok(n)) if n > 0 => return Some(permit),
-        Ok(_) => return None, // closed or failed
-        Err(_) => drop(permit),
-    }
-    match tokio::time::timeout_at(deadline, stream.peek(&mut byte)).await {
-        Ok(Ok(n)) if n > 0 => {}
-        _ => {
-            debug!("no client hello before the handshake deadline");
+) -> Option<ClientTls> {
+    let mut hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    let (start, permit) = match timeout(CLIENT_HELLO_WAIT, &mut hello).await {
+        Ok(Ok(start)) => (start, permit),
+        Ok(Err(e)) => {
+            debug!(error = %e, "client hello refused");
             return None;
         }
-    }
-    tokio::time::timeout_at(deadline, ctx.permits.clone().acquire_owned())
-        .await
-        .ok()?
-        .ok()
-}
-
-/// TLS handshake, bounded by `handshake_timeout_secs` from accept.
-async fn tls_phase(stream: TcpStream, ctx: &ListenerCtx, deadline: Instant) -> Option<ClientTls> {
-    let acceptor = ctx.tls.get();
-    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Some(Box::new(tls)),
+        Err(_) => {
+            drop(permit);
+            let start = match tokio::time::timeout_at(deadline, &mut hello).await {
+                Ok(Ok(start)) => start,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "client hello refused");
+                    return None;
+                }
+                Err(_) => {
+                    debug!("no client hello before the handshake deadline");
+                    return None;
+                }
+            };
+            let permit = tokio::time::timeout_at(deadline, ctx.permits.clone().acquire_owned())
+                .await
+                .ok()?
+                .ok()?;
+            (start, permit)
+        }
+    };
+    let tls = match tokio::time::timeout_at(deadline, start.into_stream(ctx.tls.config())).await {
+        Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             debug!(error = %e, "tls handshake failed");
-            None
+            return None;
         }
         Err(_) => {
             debug!("tls handshake timed out");
-            None
+            return None;
         }
-    }
+    };
+    drop(permit);
+    Some(Box::new(tls))
 }
 
 /// HTTP upgrade with routing, Origin and token checks, bounded by

@@ -46,7 +46,8 @@
 //!                                                           ▼ close: one CloseReason, ClientClose to the service
 //! ```
 //! One task per client, nothing else per client: no helper task, no timer
-//! per message. The handshake permit is released once the upgrade is done.
+//! per message. The handshake permit covers the TLS handshake only, and only
+//! while the client makes progress (see `client::tls_phase`).
 
 #![deny(unsafe_code)]
 

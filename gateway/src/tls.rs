@@ -90,7 +90,7 @@ pub fn server_config_from(
 
 /// The acceptor a listener uses, swappable on reload.
 pub struct ReloadableAcceptor {
-    current: RwLock<TlsAcceptor>,
+    current: RwLock<Arc<ServerConfig>>,
 }
 
 impl std::fmt::Debug for ReloadableAcceptor {
@@ -102,18 +102,23 @@ impl std::fmt::Debug for ReloadableAcceptor {
 impl ReloadableAcceptor {
     pub fn new(config: ServerConfig) -> Self {
         Self {
-            current: RwLock::new(TlsAcceptor::from(Arc::new(config))),
+            current: RwLock::new(Arc::new(config)),
         }
     }
 
-    /// The acceptor for the next client (a cheap `Arc` clone).
-    pub fn get(&self) -> TlsAcceptor {
+    /// The config for the next client (a cheap `Arc` clone).
+    pub fn config(&self) -> Arc<ServerConfig> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Replaces the acceptor for clients that arrive from now on.
+    /// An acceptor with the current config.
+    pub fn get(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.config())
+    }
+
+    /// Replaces the config for clients that arrive from now on.
     pub fn replace(&self, config: ServerConfig) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(Arc::new(config));
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
 }
 

@@ -421,7 +421,6 @@ async fn idle_connections_holding_every_handshake_permit_do_not_lock_out_new_cli
 /// permit for the handshake timeout (and a client that finishes TLS and
 /// drips its HTTP request holds one for the upgrade timeout too).
 #[tokio::test]
-#[ignore = "a connection that sends one byte keeps its handshake permit (docs/hostile-input.md, finding 1)"]
 async fn connections_that_send_one_byte_and_stall_do_not_lock_out_new_clients() {
     let service = EventService::start().await;
     let gw = GatewayBuilder::new(service.addr)
