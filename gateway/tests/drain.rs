@@ -150,3 +150,75 @@ drain_window_secs = {DRAIN_WINDOW_SECS}
     assert!(buckets.iter().all(|&n| n <= CLIENTS / 4), "closes bunched: {buckets:?}");
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
+
+/// Starts the binary with a long drain window and one client; returns the
+/// child, the client's close waiter and the scratch dir.
+async fn long_drain_gateway(
+    tag: &str,
+) -> (std::process::Child, tokio::task::JoinHandle<Option<(u16, Instant)>>, std::path::PathBuf, tokio_util::sync::CancellationToken) {
+    let dir = std::env::temp_dir().join(format!("edgegate-drain-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = edgegate::tls::self_signed().unwrap();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(edgegate_link::example::run_example_service(service, stop.clone()));
+    let port = free_port();
+    let config = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:{port}\"\ntls_cert_path = \"{d}/cert.pem\"\ntls_key_path = \"{d}/key.pem\"\n[[route]]\nlistener = \"p\"\npath = \"/echo\"\nservice = \"s\"\n[[service]]\nname = \"s\"\naddresses = [\"{service_addr}\"]\n[drain]\ndrain_window_secs = 60\n",
+        d = dir.display()
+    );
+    let path = dir.join("edgegate.toml");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..300 {
+        if TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiter = client(addr, connector(&cert)).await;
+    (child, waiter, dir, stop)
+}
+
+fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_during_a_long_drain_exits_at_once() {
+    let (mut child, _client, dir, stop) = long_drain_gateway("twice").await;
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = Instant::now();
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(second.elapsed() < Duration::from_secs(5), "exited {:?} after the second SIGTERM", second.elapsed());
+    assert_ne!(status.code(), Some(0), "an interrupted drain is not a clean exit");
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_within_a_second_and_exits_0() {
+    let (mut child, client, dir, stop) = long_drain_gateway("int").await;
+    let sent = Instant::now();
+    signal(&child, nix::sys::signal::Signal::SIGINT);
+    let closed = tokio::time::timeout(Duration::from_secs(10), client).await.unwrap().unwrap();
+    let (code, at) = closed.expect("a close frame");
+    assert_eq!(code, 1001);
+    assert!(at.duration_since(sent) < Duration::from_secs(3), "closed after {:?}", at.duration_since(sent));
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
