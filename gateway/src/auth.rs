@@ -123,14 +123,21 @@ impl Authenticator {
     ///
     /// # Errors
     /// [`AuthError::MissingToken`] or [`AuthError::InvalidToken`].
-    pub fn verify(&self, authorization: Option<&str>, query: Option<&str>) -> Result<Bytes, AuthError> {
+    pub fn verify(
+        &self,
+        authorization: Option<&str>,
+        query: Option<&str>,
+    ) -> Result<Bytes, AuthError> {
         let Some((key, validation)) = &self.jwt else {
             return Ok(Bytes::from_static(b"{}"));
         };
         let token = token_from(authorization, query).ok_or(AuthError::MissingToken)?;
-        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, validation)
-            .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
-        let json = serde_json::to_vec(&data.claims).map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token, key, validation,
+        )
+        .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        let json =
+            serde_json::to_vec(&data.claims).map_err(|e| AuthError::InvalidToken(e.to_string()))?;
         Ok(Bytes::from(json))
     }
 }
@@ -180,7 +187,12 @@ mod tests {
             .unwrap()
             .as_secs() as i64;
         let claims = serde_json::json!({"sub": "alice", "aud": aud, "exp": now + exp_offset});
-        encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -194,16 +206,24 @@ mod tests {
     #[test]
     fn token_in_query_parameter_is_accepted() {
         let t = token(60, "edgegate");
-        assert!(hs256().verify(None, Some(&format!("x=1&access_token={t}"))).is_ok());
+        assert!(hs256()
+            .verify(None, Some(&format!("x=1&access_token={t}")))
+            .is_ok());
     }
 
     #[test]
     fn expired_token_and_wrong_audience_are_rejected() {
         let a = hs256();
         let expired = token(-600, "edgegate");
-        assert!(matches!(a.verify(Some(&format!("Bearer {expired}")), None), Err(AuthError::InvalidToken(_))));
+        assert!(matches!(
+            a.verify(Some(&format!("Bearer {expired}")), None),
+            Err(AuthError::InvalidToken(_))
+        ));
         let wrong = token(60, "other");
-        assert!(matches!(a.verify(Some(&format!("Bearer {wrong}")), None), Err(AuthError::InvalidToken(_))));
+        assert!(matches!(
+            a.verify(Some(&format!("Bearer {wrong}")), None),
+            Err(AuthError::InvalidToken(_))
+        ));
         assert_eq!(a.verify(None, None), Err(AuthError::MissingToken));
     }
 
@@ -211,7 +231,12 @@ mod tests {
     fn origin_outside_the_allow_list_is_forbidden() {
         let a = hs256();
         assert!(a.check_origin(Some("https://ok.example")).is_ok());
-        assert_eq!(a.check_origin(Some("https://evil.example")).unwrap_err().status(), 403);
+        assert_eq!(
+            a.check_origin(Some("https://evil.example"))
+                .unwrap_err()
+                .status(),
+            403
+        );
         assert!(a.check_origin(None).is_err());
     }
 }

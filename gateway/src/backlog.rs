@@ -52,7 +52,9 @@ pub async fn watch(metrics: &Metrics, backlogs: Vec<(String, u32)>, stop: Cancel
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let Some((o, d)) = read_listen_counters() else { return };
+        let Some((o, d)) = read_listen_counters() else {
+            return;
+        };
         let (new_o, new_d) = (o.saturating_sub(overflows), d.saturating_sub(drops));
         metrics.listen_overflows.inc_by(new_o);
         metrics.listen_drops.inc_by(new_d);

@@ -418,7 +418,10 @@ impl Config {
         // EDGEGATE_ variables (EDGEGATE_LOG, a CI's own) are not config.
         let env: HashMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.strip_prefix("EDGEGATE_").is_some_and(|rest| rest.contains("__")))
+            .filter(|(k, _)| {
+                k.strip_prefix("EDGEGATE_")
+                    .is_some_and(|rest| rest.contains("__"))
+            })
             .collect();
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
@@ -479,21 +482,40 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             return Err(invalid(path, key("name"), "must not be empty"));
         }
         if service_index.insert(s.name.clone(), i).is_some() {
-            return Err(invalid(path, key("name"), format!("duplicate service {:?}", s.name)));
+            return Err(invalid(
+                path,
+                key("name"),
+                format!("duplicate service {:?}", s.name),
+            ));
         }
         if s.addresses.is_empty() {
-            return Err(invalid(path, key("addresses"), "needs at least one host:port"));
+            return Err(invalid(
+                path,
+                key("addresses"),
+                "needs at least one host:port",
+            ));
         }
         for a in &s.addresses {
-            if a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-                return Err(invalid(path, key("addresses"), format!("{a:?} is not host:port")));
+            if a.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(invalid(
+                    path,
+                    key("addresses"),
+                    format!("{a:?} is not host:port"),
+                ));
             }
         }
         if s.links == 0 || s.links > 1024 {
             return Err(invalid(path, key("links"), "must be between 1 and 1024"));
         }
         if s.link_queue_frames == 0 {
-            return Err(invalid(path, key("link_queue_frames"), "must be at least 1"));
+            return Err(invalid(
+                path,
+                key("link_queue_frames"),
+                "must be at least 1",
+            ));
         }
         if s.reconnect_min_ms == 0 || s.reconnect_max_ms < s.reconnect_min_ms {
             return Err(invalid(
@@ -523,7 +545,11 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     }
 
     if raw.listener.is_empty() {
-        return Err(invalid(path, "listener", "at least one [[listener]] is needed"));
+        return Err(invalid(
+            path,
+            "listener",
+            "at least one [[listener]] is needed",
+        ));
     }
     let mut listeners: Vec<ListenerConfig> = Vec::new();
     let mut binds = HashSet::new();
@@ -570,16 +596,28 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     for (i, r) in raw.route.iter().enumerate() {
         let key = |k: &str| format!("route[{i}].{k}");
         let Some(listener) = listeners.iter_mut().find(|l| l.name == r.listener) else {
-            return Err(invalid(path, key("listener"), format!("no listener named {:?}", r.listener)));
+            return Err(invalid(
+                path,
+                key("listener"),
+                format!("no listener named {:?}", r.listener),
+            ));
         };
         let Some(&service) = service_index.get(&r.service) else {
-            return Err(invalid(path, key("service"), format!("no service named {:?}", r.service)));
+            return Err(invalid(
+                path,
+                key("service"),
+                format!("no service named {:?}", r.service),
+            ));
         };
         if !r.path.starts_with('/') {
             return Err(invalid(path, key("path"), "must start with '/'"));
         }
         if listener.routes.insert(r.path.clone(), service).is_some() {
-            return Err(invalid(path, key("path"), format!("{:?} is routed twice", r.path)));
+            return Err(invalid(
+                path,
+                key("path"),
+                format!("{:?} is routed twice", r.path),
+            ));
         }
     }
 
@@ -595,7 +633,11 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     if l.outbound_queue_messages == 0 {
-        return Err(invalid(path, "limits.outbound_queue_messages", "must be at least 1"));
+        return Err(invalid(
+            path,
+            "limits.outbound_queue_messages",
+            "must be at least 1",
+        ));
     }
     let slow_reader_policy = match l.slow_reader_policy.as_str() {
         "drop_oldest" => SlowReaderPolicy::DropOldest,
@@ -615,7 +657,11 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             0 => HANDSHAKE_PERMITS_PER_WORKER * worker_threads,
             n => n,
         },
-        handshake_timeout: secs(path, "limits.handshake_timeout_secs", l.handshake_timeout_secs)?,
+        handshake_timeout: secs(
+            path,
+            "limits.handshake_timeout_secs",
+            l.handshake_timeout_secs,
+        )?,
         upgrade_timeout: secs(path, "limits.upgrade_timeout_secs", l.upgrade_timeout_secs)?,
         max_message_bytes: l.max_message_bytes,
         outbound_queue_messages: l.outbound_queue_messages,
@@ -658,16 +704,17 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
                     ))
                 }
             };
-            let key_path = a
-                .jwt_key_path
-                .clone()
-                .ok_or_else(|| invalid(path, "auth.jwt_key_path", "required when mode = \"jwt\""))?;
+            let key_path = a.jwt_key_path.clone().ok_or_else(|| {
+                invalid(path, "auth.jwt_key_path", "required when mode = \"jwt\"")
+            })?;
             let key = readable(path, "auth.jwt_key_path", &key_path)?;
             let audience = a
                 .jwt_audience
                 .clone()
                 .filter(|s| !s.is_empty())
-                .ok_or_else(|| invalid(path, "auth.jwt_audience", "required when mode = \"jwt\""))?;
+                .ok_or_else(|| {
+                    invalid(path, "auth.jwt_audience", "required when mode = \"jwt\"")
+                })?;
             AuthMode::Jwt {
                 algorithm,
                 key_path,
@@ -690,7 +737,8 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         allowed_origins: a.allowed_origins.clone(),
     };
     // Fail now, not at the first client, if the key does not parse.
-    crate::auth::Authenticator::new(&auth).map_err(|e| invalid(path, "auth.jwt_key_path", e.to_string()))?;
+    crate::auth::Authenticator::new(&auth)
+        .map_err(|e| invalid(path, "auth.jwt_key_path", e.to_string()))?;
 
     Ok(Config {
         path: path.to_owned(),
@@ -759,7 +807,8 @@ addresses = ["127.0.0.1:7000"]
     }
 
     fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("edgegate-config-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("edgegate-config-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
@@ -779,7 +828,9 @@ addresses = ["127.0.0.1:7000"]
     fn unknown_key_is_reported_with_its_line() {
         let dir = tempdir("unknown");
         let text = format!("{}\n[limits]\nmax_clientz = 5\n", sample(&dir));
-        let err = Config::from_toml(Path::new("t.toml"), &text, []).unwrap_err().to_string();
+        let err = Config::from_toml(Path::new("t.toml"), &text, [])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_clientz"), "{err}");
         assert!(err.contains("line"), "{err}");
     }
@@ -806,7 +857,9 @@ addresses = ["127.0.0.1:7000"]
     fn unknown_override_key_is_an_error() {
         let dir = tempdir("env-unknown");
         let env = [("EDGEGATE_LIMITS__MAX_CLIENTZ".to_string(), "1".to_string())];
-        let err = Config::from_toml(Path::new("t.toml"), &sample(&dir), env).unwrap_err().to_string();
+        let err = Config::from_toml(Path::new("t.toml"), &sample(&dir), env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_clientz"), "{err}");
     }
 
@@ -814,7 +867,9 @@ addresses = ["127.0.0.1:7000"]
     fn route_to_unknown_service_names_the_key() {
         let dir = tempdir("route");
         let text = sample(&dir).replace("service = \"example\"", "service = \"nope\"");
-        let err = Config::from_toml(Path::new("t.toml"), &text, []).unwrap_err().to_string();
+        let err = Config::from_toml(Path::new("t.toml"), &text, [])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("route[0].service"), "{err}");
     }
 
@@ -822,7 +877,9 @@ addresses = ["127.0.0.1:7000"]
     fn missing_certificate_file_is_an_error() {
         let dir = tempdir("cert");
         let text = sample(&dir).replace("cert.pem", "absent.pem");
-        let err = Config::from_toml(Path::new("t.toml"), &text, []).unwrap_err().to_string();
+        let err = Config::from_toml(Path::new("t.toml"), &text, [])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listener[0].tls_cert_path"), "{err}");
     }
 

@@ -23,11 +23,17 @@ pub struct DemoOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error("writing demo files in {dir}: {source}")]
-    Files { dir: PathBuf, source: std::io::Error },
+    Files {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("generating a certificate: {0}")]
     Certificate(#[from] rcgen::Error),
     #[error("example service: bind {addr}: {source}")]
-    Service { addr: SocketAddr, source: std::io::Error },
+    Service {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("demo config: {0}")]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -40,7 +46,10 @@ pub enum DemoError {
 /// # Errors
 /// [`DemoError`] when files cannot be written or the config does not check.
 pub fn demo_config(dir: &std::path::Path, opts: &DemoOptions) -> Result<Config, DemoError> {
-    let files = |source| DemoError::Files { dir: dir.to_owned(), source };
+    let files = |source| DemoError::Files {
+        dir: dir.to_owned(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(files)?;
     let (cert, key) = crate::tls::self_signed()?;
     let cert_path = dir.join("cert.pem");
@@ -98,9 +107,15 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     let config = demo_config(&dir, &opts)?;
     let service_listener = TcpListener::bind(opts.service_addr)
         .await
-        .map_err(|source| DemoError::Service { addr: opts.service_addr, source })?;
+        .map_err(|source| DemoError::Service {
+            addr: opts.service_addr,
+            source,
+        })?;
     let stop = CancellationToken::new();
-    let service = tokio::spawn(edgegate_link::example::run_example_service(service_listener, stop.clone()));
+    let service = tokio::spawn(edgegate_link::example::run_example_service(
+        service_listener,
+        stop.clone(),
+    ));
     let gateway = Gateway::start(&config).await?;
     // Give the links a moment so the first client does not meet "no link".
     for _ in 0..50 {

@@ -133,7 +133,9 @@ impl Decoder for ClientCodec {
                     max_size: self.max_message_bytes,
                 }))
             }
-            TEXT => Message::Text(Utf8Bytes::try_from(body).map_err(|e| WsError::Utf8(e.to_string()))?),
+            TEXT => {
+                Message::Text(Utf8Bytes::try_from(body).map_err(|e| WsError::Utf8(e.to_string()))?)
+            }
             BINARY => Message::Binary(body),
             PING | PONG if body.len() > MAX_CONTROL_BYTES => return Err(protocol(t)),
             PING => Message::Ping(body),
@@ -176,7 +178,9 @@ impl Encoder<Message> for ClientCodec {
             Message::Ping(b) => put_frame(dst, PING, &[&b]),
             Message::Pong(b) => put_frame(dst, PONG, &[&b]),
             Message::Close(frame) => {
-                let (code, reason) = frame.map_or((1000, Utf8Bytes::default()), |f| (u16::from(f.code), f.reason));
+                let (code, reason) = frame.map_or((1000, Utf8Bytes::default()), |f| {
+                    (u16::from(f.code), f.reason)
+                });
                 put_frame(dst, CLOSE, &[&code.to_be_bytes(), reason.as_bytes()]);
             }
             // Raw WebSocket frames have no framed-protocol form.
@@ -347,10 +351,19 @@ mod tests {
         buf.extend_from_slice(&frame(BINARY, &[1, 2]));
         assert_eq!(
             c.decode(&mut buf).unwrap(),
-            Some(Inbound::Hello(Hello { route: "/echo".into(), token: "tok".into() }))
+            Some(Inbound::Hello(Hello {
+                route: "/echo".into(),
+                token: "tok".into()
+            }))
         );
-        assert_eq!(c.decode(&mut buf).unwrap(), Some(Inbound::Message(Message::text("hi"))));
-        assert_eq!(c.decode(&mut buf).unwrap(), Some(Inbound::Message(Message::binary(vec![1, 2]))));
+        assert_eq!(
+            c.decode(&mut buf).unwrap(),
+            Some(Inbound::Message(Message::text("hi")))
+        );
+        assert_eq!(
+            c.decode(&mut buf).unwrap(),
+            Some(Inbound::Message(Message::binary(vec![1, 2])))
+        );
         assert_eq!(c.decode(&mut buf).unwrap(), None);
     }
 
@@ -359,7 +372,10 @@ mod tests {
         let mut c = ClientCodec::new(1024);
         let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
         assert!(matches!(c.decode(&mut buf), Err(WsError::Capacity(_))));
-        assert!(buf.capacity() < 1 << 20, "no allocation from the length field");
+        assert!(
+            buf.capacity() < 1 << 20,
+            "no allocation from the length field"
+        );
     }
 
     #[test]
@@ -372,10 +388,22 @@ mod tests {
     #[test]
     fn bad_utf8_unknown_type_and_zero_length_are_errors() {
         let mut c = ClientCodec::new(1024);
-        assert!(matches!(c.decode(&mut frame(TEXT, &[0xff, 0xfe])), Err(WsError::Utf8(_))));
-        assert!(matches!(c.decode(&mut frame(0x7f, b"")), Err(WsError::Protocol(_))));
-        assert!(matches!(c.decode(&mut BytesMut::from(&[0u8, 0, 0, 0][..])), Err(WsError::Protocol(_))));
-        assert!(matches!(c.decode(&mut frame(PING, &[0; 126])), Err(WsError::Protocol(_))));
+        assert!(matches!(
+            c.decode(&mut frame(TEXT, &[0xff, 0xfe])),
+            Err(WsError::Utf8(_))
+        ));
+        assert!(matches!(
+            c.decode(&mut frame(0x7f, b"")),
+            Err(WsError::Protocol(_))
+        ));
+        assert!(matches!(
+            c.decode(&mut BytesMut::from(&[0u8, 0, 0, 0][..])),
+            Err(WsError::Protocol(_))
+        ));
+        assert!(matches!(
+            c.decode(&mut frame(PING, &[0; 126])),
+            Err(WsError::Protocol(_))
+        ));
     }
 
     #[test]
@@ -386,7 +414,10 @@ mod tests {
             Message::text("t"),
             Message::binary(vec![9]),
             Message::Ping(Bytes::from_static(b"p")),
-            Message::Close(Some(CloseFrame { code: CloseCode::from(4000), reason: "r".into() })),
+            Message::Close(Some(CloseFrame {
+                code: CloseCode::from(4000),
+                reason: "r".into(),
+            })),
         ] {
             c.encode(m.clone(), &mut buf).unwrap();
             assert_eq!(c.decode(&mut buf).unwrap(), Some(Inbound::Message(m)));

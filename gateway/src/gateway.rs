@@ -94,7 +94,10 @@ pub struct Shared {
 impl Shared {
     /// The current settings (a cheap `Arc` clone).
     pub fn settings(&self) -> Arc<Settings> {
-        self.settings.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn next_client_id(&self) -> u64 {
@@ -106,10 +109,16 @@ impl Shared {
     pub fn try_take_connection(&self, ip: std::net::IpAddr) -> Result<(), Refused> {
         let max = self.max_clients.load(Ordering::Relaxed);
         self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
             .map_err(|_| Refused::MaxClients)?;
         let per_address = self.max_clients_per_address.load(Ordering::Relaxed);
-        if per_address > 0 && !self.addresses.try_take(ip, u32::try_from(per_address).unwrap_or(u32::MAX)) {
+        if per_address > 0
+            && !self
+                .addresses
+                .try_take(ip, u32::try_from(per_address).unwrap_or(u32::MAX))
+        {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(Refused::PerAddress);
         }
@@ -192,9 +201,11 @@ impl Gateway {
             .listeners
             .iter()
             .map(|l| {
-                server_config(&l.tls_cert_path, &l.tls_key_path, l.protocol).map_err(|source| StartError::Tls {
-                    name: l.name.clone(),
-                    source,
+                server_config(&l.tls_cert_path, &l.tls_key_path, l.protocol).map_err(|source| {
+                    StartError::Tls {
+                        name: l.name.clone(),
+                        source,
+                    }
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -206,11 +217,16 @@ impl Gateway {
     ///
     /// # Errors
     /// As [`Gateway::start`].
-    pub async fn start_with_tls(config: &Config, tls_configs: Vec<rustls::ServerConfig>) -> Result<Gateway, StartError> {
+    pub async fn start_with_tls(
+        config: &Config,
+        tls_configs: Vec<rustls::ServerConfig>,
+    ) -> Result<Gateway, StartError> {
         let mut registry = Registry::default();
         let service_names: Vec<String> = config.services.iter().map(|s| s.name.clone()).collect();
         let metrics = Metrics::new(&mut registry, &service_names);
-        metrics.clients_max.set(i64::try_from(config.limits.max_clients).unwrap_or(i64::MAX));
+        metrics
+            .clients_max
+            .set(i64::try_from(config.limits.max_clients).unwrap_or(i64::MAX));
         let shared = Arc::new(Shared {
             metrics,
             clients: ClientRegistry::default(),
@@ -241,7 +257,12 @@ impl Gateway {
         let mut pools = Vec::new();
         let mut link_tasks = Vec::new();
         for s in &config.services {
-            let (pool, tasks) = spawn_pool(s.clone(), gateway_name.clone(), shared.clone(), link_stop.clone());
+            let (pool, tasks) = spawn_pool(
+                s.clone(),
+                gateway_name.clone(),
+                shared.clone(),
+                link_stop.clone(),
+            );
             pools.push(pool);
             link_tasks.extend(tasks);
         }
@@ -283,11 +304,22 @@ impl Gateway {
             probe.clone(),
             ops_stop.child_token(),
         ));
-        let backlogs = config.listeners.iter().map(|l| (l.name.clone(), l.backlog)).collect();
+        let backlogs = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.backlog))
+            .collect();
         let watch_shared = shared.clone();
         let watch_stop = ops_stop.child_token();
-        tokio::spawn(async move { crate::backlog::watch(&watch_shared.metrics, backlogs, watch_stop).await });
-        let view = Arc::new(GatewayView::new(registry, shared.clone(), pools.clone(), probe));
+        tokio::spawn(async move {
+            crate::backlog::watch(&watch_shared.metrics, backlogs, watch_stop).await
+        });
+        let view = Arc::new(GatewayView::new(
+            registry,
+            shared.clone(),
+            pools.clone(),
+            probe,
+        ));
         let admin = AdminServer::spawn(admin_listener, view.clone());
 
         Ok(Gateway {
@@ -374,10 +406,13 @@ impl Gateway {
                 warn!(listener = %ctx.name, "listener removed from config; needs a restart");
                 continue;
             };
-            let c = server_config(&l.tls_cert_path, &l.tls_key_path, l.protocol).map_err(|source| StartError::Tls {
-                name: l.name.clone(),
-                source,
-            })?;
+            let c =
+                server_config(&l.tls_cert_path, &l.tls_key_path, l.protocol).map_err(|source| {
+                    StartError::Tls {
+                        name: l.name.clone(),
+                        source,
+                    }
+                })?;
             if l.routes != ctx.routes {
                 warn!(listener = %ctx.name, "routes changed; they apply after a restart");
             }
@@ -387,7 +422,11 @@ impl Gateway {
         for (ctx, c) in tls {
             ctx.tls.replace(c);
         }
-        *self.shared.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        *self
+            .shared
+            .settings
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
         self.shared
             .max_clients_per_address
             .store(config.limits.max_clients_per_address, Ordering::Relaxed);
@@ -398,7 +437,9 @@ impl Gateway {
             .metrics
             .clients_max
             .set(i64::try_from(config.limits.max_clients).unwrap_or(i64::MAX));
-        let old = self.permit_count.swap(config.limits.handshake_permits, Ordering::AcqRel);
+        let old = self
+            .permit_count
+            .swap(config.limits.handshake_permits, Ordering::AcqRel);
         let new = config.limits.handshake_permits;
         if new > old {
             self.permits.add_permits(new - old);
@@ -432,7 +473,11 @@ impl Gateway {
         }
         // Interleave the shards so each drain tick takes from all of them.
         let total: usize = clients.iter().map(Vec::len).sum();
-        info!(clients = total, window_ms = window.as_millis() as u64, "draining");
+        info!(
+            clients = total,
+            window_ms = window.as_millis() as u64,
+            "draining"
+        );
         let start = Instant::now();
         let ticks = (window.as_millis() / DRAIN_TICK.as_millis()).max(1) as usize;
         let mut closed = 0usize;
@@ -446,7 +491,8 @@ impl Gateway {
                         break;
                     }
                     if let Some(c) = shard.get(*pos) {
-                        c.outbox.close(CloseReason::Shutdown, 1001, "gateway draining");
+                        c.outbox
+                            .close(CloseReason::Shutdown, 1001, "gateway draining");
                         *pos += 1;
                         closed += 1;
                     }
@@ -465,13 +511,17 @@ impl Gateway {
         while self.shared.connections() > 0 && Instant::now() < deadline {
             for i in 0..crate::registry::SHARDS {
                 for c in self.shared.clients.shard_snapshot(i) {
-                    c.outbox.close(CloseReason::Shutdown, 1001, "gateway draining");
+                    c.outbox
+                        .close(CloseReason::Shutdown, 1001, "gateway draining");
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if self.shared.connections() > 0 {
-            warn!(connections = self.shared.connections(), "drain deadline passed; closing the rest");
+            warn!(
+                connections = self.shared.connections(),
+                "drain deadline passed; closing the rest"
+            );
         }
         self.link_stop.cancel();
         for t in self.link_tasks.drain(..) {
@@ -491,5 +541,9 @@ pub fn gateway_name() -> String {
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "edgegate".into());
     // Host, process and instance: unique even for several gateways in one test process.
-    format!("{host}:{}:{}", std::process::id(), INSTANCE.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        INSTANCE.fetch_add(1, Ordering::Relaxed)
+    )
 }

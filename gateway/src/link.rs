@@ -61,11 +61,17 @@ pub struct LinkHandle {
 
 impl LinkHandle {
     pub fn bind(&self, client: ClientId) {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner()).insert(client);
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client);
     }
 
     pub fn unbind(&self, client: ClientId) {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&client);
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&client);
     }
 }
 
@@ -150,7 +156,10 @@ pub fn spawn_pool(
 #[derive(Debug, thiserror::Error)]
 enum DialError {
     #[error("connect {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("connect {addr}: timed out")]
     Timeout { addr: String },
     #[error("hello with {addr}: {message}")]
@@ -160,7 +169,11 @@ enum DialError {
 type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>;
 type Writer = FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>;
 
-async fn dial(addr: &str, config: &ServiceConfig, gateway_name: &str) -> Result<(Reader, Writer, String), DialError> {
+async fn dial(
+    addr: &str,
+    config: &ServiceConfig,
+    gateway_name: &str,
+) -> Result<(Reader, Writer, String), DialError> {
     let stream = timeout(config.connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| DialError::Timeout { addr: addr.into() })?
@@ -188,12 +201,19 @@ async fn dial(addr: &str, config: &ServiceConfig, gateway_name: &str) -> Result<
         Err(_) => Err(hello_err("no hello within connect_timeout_secs".into())),
         Ok(None) => Err(hello_err("closed before hello".into())),
         Ok(Some(Err(e))) => Err(hello_err(e.to_string())),
-        Ok(Some(Ok(Frame::Hello { version, name }))) if version == PROTOCOL_VERSION => Ok((reader, writer, name)),
+        Ok(Some(Ok(Frame::Hello { version, name }))) if version == PROTOCOL_VERSION => {
+            Ok((reader, writer, name))
+        }
         Ok(Some(Ok(Frame::Hello { version, .. }))) => Err(hello_err(format!(
             "service speaks version {version}, gateway {PROTOCOL_VERSION}"
         ))),
-        Ok(Some(Ok(Frame::Goaway { code, reason }))) => Err(hello_err(format!("goaway {code}: {reason}"))),
-        Ok(Some(Ok(other))) => Err(hello_err(format!("expected hello, got {}", other.type_name()))),
+        Ok(Some(Ok(Frame::Goaway { code, reason }))) => {
+            Err(hello_err(format!("goaway {code}: {reason}")))
+        }
+        Ok(Some(Ok(other))) => Err(hello_err(format!(
+            "expected hello, got {}",
+            other.type_name()
+        ))),
     }
 }
 
@@ -256,7 +276,8 @@ async fn run_slot(
                 warn!(service = %config.name, link.id = link.id, %addr, reason = %end, clients = bound.len(), "link down; closing its clients with 1012");
                 for id in bound {
                     if let Some(c) = shared.clients.get(id) {
-                        c.outbox.close(CloseReason::LinkLost, 1012, "service link lost");
+                        c.outbox
+                            .close(CloseReason::LinkLost, 1012, "service link lost");
                     }
                 }
             }
@@ -291,7 +312,8 @@ async fn run_link(
 ) -> String {
     let writer_task = tokio::spawn(write_frames(writer, rx, shared.clone()));
     let mut last_seen = Instant::now();
-    let mut ping = tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     let mut nonce = 0u64;
     let reason = loop {
         tokio::select! {
@@ -350,9 +372,17 @@ async fn write_frames(mut writer: Writer, mut rx: mpsc::Receiver<Frame>, shared:
 }
 
 /// Applies one frame from the service. `Err` ends the link.
-async fn dispatch(link: &Arc<LinkHandle>, frame: Frame, shared: &Arc<Shared>) -> Result<(), String> {
+async fn dispatch(
+    link: &Arc<LinkHandle>,
+    frame: Frame,
+    shared: &Arc<Shared>,
+) -> Result<(), String> {
     match frame {
-        Frame::ClientMessage { client, kind, payload } => {
+        Frame::ClientMessage {
+            client,
+            kind,
+            payload,
+        } => {
             let Some(c) = shared.clients.get(client) else {
                 // The client left; the service will see its close.
                 return Ok(());
@@ -367,13 +397,21 @@ async fn dispatch(link: &Arc<LinkHandle>, frame: Frame, shared: &Arc<Shared>) ->
                             .inc();
                     }
                 }
-                None => warn!(link.id = link.id, client, "service sent invalid UTF-8 as text; message dropped"),
+                None => warn!(
+                    link.id = link.id,
+                    client, "service sent invalid UTF-8 as text; message dropped"
+                ),
             }
         }
-        Frame::ClientClose { client, code, reason } => {
+        Frame::ClientClose {
+            client,
+            code,
+            reason,
+        } => {
             if let Some(c) = shared.clients.get(client) {
                 let code = if valid_close_code(code) { code } else { 1011 };
-                c.outbox.close(CloseReason::Service { code }, code, truncate_reason(reason));
+                c.outbox
+                    .close(CloseReason::Service { code }, code, truncate_reason(reason));
             }
         }
         Frame::Subscribe { client, topic } => {
@@ -386,19 +424,31 @@ async fn dispatch(link: &Arc<LinkHandle>, frame: Frame, shared: &Arc<Shared>) ->
                 shared.topics.unsubscribe(&topic, &c, &shared.metrics);
             }
         }
-        Frame::Publish { topic, kind, payload } => match to_message(kind, payload) {
+        Frame::Publish {
+            topic,
+            kind,
+            payload,
+        } => match to_message(kind, payload) {
             Some(msg) => {
                 shared.topics.publish(&topic, msg, &shared.metrics).await;
             }
-            None => warn!(link.id = link.id, "service published invalid UTF-8 as text; publish dropped"),
+            None => warn!(
+                link.id = link.id,
+                "service published invalid UTF-8 as text; publish dropped"
+            ),
         },
         Frame::Ping { nonce } => {
             let _ = link.tx.try_send(Frame::Pong { nonce });
         }
         Frame::Pong { .. } => {}
-        Frame::Goaway { code, reason } => return Err(format!("service sent goaway {code}: {reason}")),
+        Frame::Goaway { code, reason } => {
+            return Err(format!("service sent goaway {code}: {reason}"))
+        }
         other @ (Frame::Hello { .. } | Frame::ClientOpen { .. }) => {
-            return Err(format!("protocol error: service sent {}", other.type_name()))
+            return Err(format!(
+                "protocol error: service sent {}",
+                other.type_name()
+            ))
         }
     }
     Ok(())

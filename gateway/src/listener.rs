@@ -70,7 +70,12 @@ pub struct ListenerCtx {
 ///
 /// # Cancel safety
 /// Stopping through `stop` drops the listener; clients already spawned go on.
-pub async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, permits: Arc<Semaphore>, stop: CancellationToken) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ListenerCtx>,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
     let shared = ctx.shared.clone();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
@@ -92,7 +97,11 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, permits: 
             }
             Err(e) => {
                 let kind = classify(&e);
-                shared.metrics.accept_errors.get_or_create(&[("kind", kind.as_str())]).inc();
+                shared
+                    .metrics
+                    .accept_errors
+                    .get_or_create(&[("kind", kind.as_str())])
+                    .inc();
                 if kind == AcceptError::Other {
                     // ECONNABORTED and friends concern one connection only.
                     continue;
@@ -123,8 +132,14 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, permits: 
 
 fn classify(e: &io::Error) -> AcceptError {
     match e.raw_os_error() {
-        Some(libc_emfile) if libc_emfile == nix::libc::EMFILE || libc_emfile == nix::libc::ENFILE => AcceptError::Fds,
-        Some(code) if code == nix::libc::ENOBUFS || code == nix::libc::ENOMEM => AcceptError::Memory,
+        Some(libc_emfile)
+            if libc_emfile == nix::libc::EMFILE || libc_emfile == nix::libc::ENFILE =>
+        {
+            AcceptError::Fds
+        }
+        Some(code) if code == nix::libc::ENOBUFS || code == nix::libc::ENOMEM => {
+            AcceptError::Memory
+        }
         _ => AcceptError::Other,
     }
 }

@@ -24,7 +24,11 @@ pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muz
 const EX_SOFTWARE: u8 = 70;
 
 #[derive(Debug, Parser)]
-#[command(name = "edgegate", version, about = "TLS WebSocket edge gateway for millions of mostly idle clients")]
+#[command(
+    name = "edgegate",
+    version,
+    about = "TLS WebSocket edge gateway for millions of mostly idle clients"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -82,7 +86,10 @@ fn tune_check(path: &std::path::Path) -> ExitCode {
     for f in &findings {
         println!("{f}");
     }
-    let fatal = findings.iter().filter(|f| f.severity == edgegate::preflight::Severity::Fatal).count();
+    let fatal = findings
+        .iter()
+        .filter(|f| f.severity == edgegate::preflight::Severity::Fatal)
+        .count();
     println!(
         "{}: max_clients {} needs {} descriptors: {} fatal, {} warnings",
         path.display(),
@@ -144,9 +151,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo { listen, service, admin } => {
+        Command::Demo {
+            listen,
+            service,
+            admin,
+        } => {
             init_logging();
-            let runtime = match edgegate::runtime::build(edgegate::config::default_worker_threads()) {
+            let runtime = match edgegate::runtime::build(edgegate::config::default_worker_threads())
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("edgegate: cannot build the runtime: {e}");

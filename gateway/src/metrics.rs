@@ -191,10 +191,14 @@ impl Metrics {
         for r in RELOAD_RESULTS {
             let _ = m.config_reloads.get_or_create(&[("result", r)]);
         }
-        m.build_info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))]).set(1);
+        m.build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
         for p in [Protocol::WebSocket, Protocol::Framed] {
             let _ = m.clients.get_or_create(&[("protocol", p.as_str())]);
-            let _ = m.clients_accepted.get_or_create(&[("protocol", p.as_str())]);
+            let _ = m
+                .clients_accepted
+                .get_or_create(&[("protocol", p.as_str())]);
         }
         for r in CloseReason::LABELS {
             let _ = m.clients_closed.get_or_create(&[("reason", r)]);
@@ -216,57 +220,209 @@ impl Metrics {
         }
 
         let r = registry.sub_registry_with_prefix("edgegate");
-        r.register("clients", "Clients past the upgrade, by listener protocol", m.clients.clone());
-        r.register("clients_accepted", "Clients that completed TLS and upgrade", m.clients_accepted.clone());
-        r.register("clients_closed", "Client sessions ended, by close reason", m.clients_closed.clone());
-        r.register("clients_refused", "Connections closed at accept because max_clients was reached", m.clients_refused.clone());
-        r.register("clients_refused_per_address", "Connections closed at accept because their address reached max_clients_per_address", m.clients_refused_per_address.clone());
-        r.register("handshake_failures", "Clients lost before their session, by phase", m.handshake_failures.clone());
-        r.register("handshake_duration_seconds", "Accept to session start (TLS + upgrade + auth)", m.handshake_duration.clone());
-        r.register("accept_errors", "accept(2) errors, by kind", m.accept_errors.clone());
-        r.register("client_messages_in", "Messages received from clients", m.messages_in.clone());
-        r.register("client_messages_out", "Messages written to clients", m.messages_out.clone());
-        r.register("client_bytes_in", "Payload bytes received from clients", m.bytes_in.clone());
-        r.register("client_bytes_out", "Payload bytes written to clients", m.bytes_out.clone());
-        r.register("outbound_dropped", "Outbound messages dropped by the slow-reader policy", m.outbound_dropped.clone());
+        r.register(
+            "clients",
+            "Clients past the upgrade, by listener protocol",
+            m.clients.clone(),
+        );
+        r.register(
+            "clients_accepted",
+            "Clients that completed TLS and upgrade",
+            m.clients_accepted.clone(),
+        );
+        r.register(
+            "clients_closed",
+            "Client sessions ended, by close reason",
+            m.clients_closed.clone(),
+        );
+        r.register(
+            "clients_refused",
+            "Connections closed at accept because max_clients was reached",
+            m.clients_refused.clone(),
+        );
+        r.register(
+            "clients_refused_per_address",
+            "Connections closed at accept because their address reached max_clients_per_address",
+            m.clients_refused_per_address.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "Clients lost before their session, by phase",
+            m.handshake_failures.clone(),
+        );
+        r.register(
+            "handshake_duration_seconds",
+            "Accept to session start (TLS + upgrade + auth)",
+            m.handshake_duration.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "accept(2) errors, by kind",
+            m.accept_errors.clone(),
+        );
+        r.register(
+            "client_messages_in",
+            "Messages received from clients",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "client_messages_out",
+            "Messages written to clients",
+            m.messages_out.clone(),
+        );
+        r.register(
+            "client_bytes_in",
+            "Payload bytes received from clients",
+            m.bytes_in.clone(),
+        );
+        r.register(
+            "client_bytes_out",
+            "Payload bytes written to clients",
+            m.bytes_out.clone(),
+        );
+        r.register(
+            "outbound_dropped",
+            "Outbound messages dropped by the slow-reader policy",
+            m.outbound_dropped.clone(),
+        );
         r.register("links_up", "Links up, by service", m.links_up.clone());
-        r.register("link_reconnects", "Link dials after the first, by service", m.link_reconnects.clone());
-        r.register("link_queue_depth", "Frames waiting in link queues, by service", m.link_queue_depth.clone());
-        r.register("link_frames_in", "Frames received from services", m.link_frames_in.clone());
-        r.register("link_frames_out", "Frames sent to services", m.link_frames_out.clone());
-        r.register("topics", "Topics with at least one subscriber", m.topics.clone());
-        r.register("subscriptions", "Client subscriptions to topics", m.subscriptions.clone());
-        r.register("publishes", "Publish frames received from services", m.publishes.clone());
-        r.register("publish_fanout_clients", "Subscribers reached per publish", m.publish_fanout.clone());
-        r.register("publish_delivery_seconds", "Time to queue one publish to every subscriber", m.publish_delivery.clone());
-        r.register("drain_closed_clients", "Clients closed with 1001 by a drain", m.drain_closed.clone());
+        r.register(
+            "link_reconnects",
+            "Link dials after the first, by service",
+            m.link_reconnects.clone(),
+        );
+        r.register(
+            "link_queue_depth",
+            "Frames waiting in link queues, by service",
+            m.link_queue_depth.clone(),
+        );
+        r.register(
+            "link_frames_in",
+            "Frames received from services",
+            m.link_frames_in.clone(),
+        );
+        r.register(
+            "link_frames_out",
+            "Frames sent to services",
+            m.link_frames_out.clone(),
+        );
+        r.register(
+            "topics",
+            "Topics with at least one subscriber",
+            m.topics.clone(),
+        );
+        r.register(
+            "subscriptions",
+            "Client subscriptions to topics",
+            m.subscriptions.clone(),
+        );
+        r.register(
+            "publishes",
+            "Publish frames received from services",
+            m.publishes.clone(),
+        );
+        r.register(
+            "publish_fanout_clients",
+            "Subscribers reached per publish",
+            m.publish_fanout.clone(),
+        );
+        r.register(
+            "publish_delivery_seconds",
+            "Time to queue one publish to every subscriber",
+            m.publish_delivery.clone(),
+        );
+        r.register(
+            "drain_closed_clients",
+            "Clients closed with 1001 by a drain",
+            m.drain_closed.clone(),
+        );
         r.register("listen_overflows", "Connections the kernel dropped on a full accept queue since start-up (host-wide TcpExt ListenOverflows)", m.listen_overflows.clone());
         r.register("listen_drops", "Connections the kernel dropped at listen since start-up (host-wide TcpExt ListenDrops)", m.listen_drops.clone());
-        r.register("clients_max", "limits.max_clients: connections beyond it are refused", m.clients_max.clone());
-        r.register("connections", "TCP connections held against max_clients (handshaking or in session)", m.connections.clone());
-        r.register("config_reloads", "SIGHUP reloads, by result", m.config_reloads.clone());
-        r.register("build_info", "Always 1; the version label carries the build", m.build_info.clone());
-        r.register("runtime_poll_delay_seconds", "Time from ready to polled of a probe task (scheduler fairness)", m.poll_delay.clone());
-        r.register("runtime_workers", "Tokio worker threads", m.runtime_workers.clone());
-        r.register("runtime_alive_tasks", "Tokio tasks alive (one per client, plus links and accept loops)", m.runtime_alive_tasks.clone());
-        r.register("runtime_global_queue_depth", "Tasks waiting in the Tokio global (injection) queue", m.runtime_global_queue_depth.clone());
-        r.register("runtime_worker_busy_seconds", "Time Tokio workers spent busy, summed over workers", m.runtime_busy.clone());
-        r.register("runtime_worker_busy_ratio", "Busy share of the Tokio workers over the last second (0 to 1)", m.runtime_busy_ratio.clone());
-        r.register("process_resident_memory_bytes", "Resident set size (/proc/self/statm)", m.resident_memory.clone());
+        r.register(
+            "clients_max",
+            "limits.max_clients: connections beyond it are refused",
+            m.clients_max.clone(),
+        );
+        r.register(
+            "connections",
+            "TCP connections held against max_clients (handshaking or in session)",
+            m.connections.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "SIGHUP reloads, by result",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "build_info",
+            "Always 1; the version label carries the build",
+            m.build_info.clone(),
+        );
+        r.register(
+            "runtime_poll_delay_seconds",
+            "Time from ready to polled of a probe task (scheduler fairness)",
+            m.poll_delay.clone(),
+        );
+        r.register(
+            "runtime_workers",
+            "Tokio worker threads",
+            m.runtime_workers.clone(),
+        );
+        r.register(
+            "runtime_alive_tasks",
+            "Tokio tasks alive (one per client, plus links and accept loops)",
+            m.runtime_alive_tasks.clone(),
+        );
+        r.register(
+            "runtime_global_queue_depth",
+            "Tasks waiting in the Tokio global (injection) queue",
+            m.runtime_global_queue_depth.clone(),
+        );
+        r.register(
+            "runtime_worker_busy_seconds",
+            "Time Tokio workers spent busy, summed over workers",
+            m.runtime_busy.clone(),
+        );
+        r.register(
+            "runtime_worker_busy_ratio",
+            "Busy share of the Tokio workers over the last second (0 to 1)",
+            m.runtime_busy_ratio.clone(),
+        );
+        r.register(
+            "process_resident_memory_bytes",
+            "Resident set size (/proc/self/statm)",
+            m.resident_memory.clone(),
+        );
         if crate::process::open_fds().is_some() {
-            r.register("process_open_fds", "Open file descriptors", m.open_fds.clone());
+            r.register(
+                "process_open_fds",
+                "Open file descriptors",
+                m.open_fds.clone(),
+            );
         }
         r.register("process_max_fds", "Soft RLIMIT_NOFILE", m.max_fds.clone());
         r.register("jemalloc_allocated_bytes", "Bytes allocated by the application (jemalloc stats.allocated; 0 when jemalloc is not the allocator)", m.jemalloc_allocated.clone());
-        r.register("jemalloc_resident_bytes", "Bytes in physically resident data pages mapped by jemalloc (stats.resident)", m.jemalloc_resident.clone());
-        r.register("jemalloc_retained_bytes", "Bytes in virtual memory jemalloc retained but returned to the OS (stats.retained)", m.jemalloc_retained.clone());
+        r.register(
+            "jemalloc_resident_bytes",
+            "Bytes in physically resident data pages mapped by jemalloc (stats.resident)",
+            m.jemalloc_resident.clone(),
+        );
+        r.register(
+            "jemalloc_retained_bytes",
+            "Bytes in virtual memory jemalloc retained but returned to the OS (stats.retained)",
+            m.jemalloc_retained.clone(),
+        );
         m
     }
 
     /// Counts the end of a client session.
     pub fn closed(&self, protocol: Protocol, reason: &CloseReason) {
-        self.clients.get_or_create(&[("protocol", protocol.as_str())]).dec();
-        self.clients_closed.get_or_create(&[("reason", reason.label())]).inc();
+        self.clients
+            .get_or_create(&[("protocol", protocol.as_str())])
+            .dec();
+        self.clients_closed
+            .get_or_create(&[("reason", reason.label())])
+            .inc();
     }
 
     /// Records one probe's lateness (see `scheduler`).
@@ -276,12 +432,20 @@ impl Metrics {
 
     /// Counts a SIGHUP reload by result.
     pub fn reloaded(&self, ok: bool) {
-        let result = if ok { RELOAD_RESULTS[0] } else { RELOAD_RESULTS[1] };
-        self.config_reloads.get_or_create(&[("result", result)]).inc();
+        let result = if ok {
+            RELOAD_RESULTS[0]
+        } else {
+            RELOAD_RESULTS[1]
+        };
+        self.config_reloads
+            .get_or_create(&[("result", result)])
+            .inc();
     }
 
     /// Counts a client lost before its session.
     pub fn handshake_failed(&self, phase: Phase) {
-        self.handshake_failures.get_or_create(&[("phase", phase.as_str())]).inc();
+        self.handshake_failures
+            .get_or_create(&[("phase", phase.as_str())])
+            .inc();
     }
 }

@@ -97,9 +97,13 @@ impl AddressCounts {
     fn shard(&self, ip: std::net::IpAddr) -> MutexGuard<'_, HashMap<std::net::IpAddr, u32>> {
         let i = match ip {
             std::net::IpAddr::V4(v4) => u32::from(v4) as usize,
-            std::net::IpAddr::V6(v6) => (u128::from(v6) as usize) ^ ((u128::from(v6) >> 64) as usize),
+            std::net::IpAddr::V6(v6) => {
+                (u128::from(v6) as usize) ^ ((u128::from(v6) >> 64) as usize)
+            }
         };
-        self.shards[i % SHARDS].lock().unwrap_or_else(|e| e.into_inner())
+        self.shards[i % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts a connection from `ip` unless it already has `max`.

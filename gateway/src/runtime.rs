@@ -58,7 +58,10 @@ mod tests {
 
     #[test]
     fn warns_when_descriptors_cannot_carry_max_clients() {
-        let l = NofileLimit { soft: 20_000, hard: 20_000 };
+        let l = NofileLimit {
+            soft: 20_000,
+            hard: 20_000,
+        };
         assert!(nofile_warning(l, 100_000, 4).is_some());
         assert!(nofile_warning(l, 10_000, 4).is_none());
     }

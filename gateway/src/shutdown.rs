@@ -38,7 +38,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     // The same findings as `edgegate tune --check`, against the raised limits.
     for finding in crate::preflight::check(&config, &crate::preflight::Host::read()) {
-        warn!(check = finding.check, severity = finding.severity.as_str(), "{}", finding.message);
+        warn!(
+            check = finding.check,
+            severity = finding.severity.as_str(),
+            "{}",
+            finding.message
+        );
     }
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
@@ -49,7 +54,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // the watchdog and status refresh from inside the runtime.
     systemd::ready("serving");
     let status_stop = CancellationToken::new();
-    tokio::spawn(systemd::watchdog_and_status(gateway.shared().clone(), status_stop.clone()));
+    tokio::spawn(systemd::watchdog_and_status(
+        gateway.shared().clone(),
+        status_stop.clone(),
+    ));
     info!(version = env!("CARGO_PKG_VERSION"), admin = %gateway.admin_addr(), "ready");
 
     let window = loop {

@@ -36,7 +36,11 @@ pub enum TlsError {
 ///
 /// # Errors
 /// [`TlsError`] naming the file that could not be used.
-pub fn server_config(cert_path: &Path, key_path: &Path, protocol: Protocol) -> Result<ServerConfig, TlsError> {
+pub fn server_config(
+    cert_path: &Path,
+    key_path: &Path,
+    protocol: Protocol,
+) -> Result<ServerConfig, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Certificates {
@@ -108,7 +112,10 @@ impl ReloadableAcceptor {
 
     /// The config for the next client (a cheap `Arc` clone).
     pub fn config(&self) -> Arc<ServerConfig> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// An acceptor with the current config.
@@ -127,6 +134,7 @@ impl ReloadableAcceptor {
 /// # Errors
 /// When key generation fails.
 pub fn self_signed() -> Result<(String, String), rcgen::Error> {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
     Ok((cert.cert.pem(), cert.signing_key.serialize_pem()))
 }

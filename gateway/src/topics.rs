@@ -83,7 +83,11 @@ impl Topics {
             }
             name
         };
-        client.topics.lock().unwrap_or_else(|e| e.into_inner()).push(name);
+        client
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name);
         metrics.subscriptions.inc();
         true
     }
@@ -164,7 +168,9 @@ impl Topics {
         }
         metrics.publishes.inc();
         metrics.publish_fanout.observe(d.subscribers as f64);
-        metrics.publish_delivery.observe(started.elapsed().as_secs_f64());
+        metrics
+            .publish_delivery
+            .observe(started.elapsed().as_secs_f64());
         if d.dropped > 0 {
             metrics
                 .outbound_dropped
@@ -197,12 +203,16 @@ mod tests {
         assert!(!t.subscribe("room", &b, &m));
         t.subscribe("other", &c, &m);
         let payload = bytes::Bytes::from(vec![7u8; 1000]);
-        let d = t.publish("room", Message::Binary(payload.clone()), &m).await;
+        let d = t
+            .publish("room", Message::Binary(payload.clone()), &m)
+            .await;
         assert_eq!((d.subscribers, d.queued), (2, 2));
         assert!(c.outbox.pop().is_none());
         for x in [&a, &b] {
             match x.outbox.pop() {
-                Some(Message::Binary(got)) => assert_eq!(got.as_ptr(), payload.as_ptr(), "payload copied"),
+                Some(Message::Binary(got)) => {
+                    assert_eq!(got.as_ptr(), payload.as_ptr(), "payload copied")
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }

@@ -38,15 +38,27 @@ addresses = ["127.0.0.1:7000"]
 
 #[test]
 fn check_config_accepts_a_good_file() {
-    let out = edgegate().args(["check-config", "--config"]).arg(temp("good", GOOD)).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = edgegate()
+        .args(["check-config", "--config"])
+        .arg(temp("good", GOOD))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
 #[test]
 fn check_config_names_the_line_of_an_unknown_key_and_exits_78() {
     let bad = format!("{GOOD}\n[limits]\nmax_clientz = 10\n");
-    let out = edgegate().args(["check-config", "--config"]).arg(temp("unknown", &bad)).output().unwrap();
+    let out = edgegate()
+        .args(["check-config", "--config"])
+        .arg(temp("unknown", &bad))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_clientz") && err.contains("line"), "{err}");
@@ -55,7 +67,11 @@ fn check_config_names_the_line_of_an_unknown_key_and_exits_78() {
 #[test]
 fn check_config_names_the_key_of_a_bad_value() {
     let bad = GOOD.replace("path = \"/echo\"", "path = \"echo\"");
-    let out = edgegate().args(["check-config", "--config"]).arg(temp("value", &bad)).output().unwrap();
+    let out = edgegate()
+        .args(["check-config", "--config"])
+        .arg(temp("value", &bad))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("route[0].path"));
 }
@@ -63,14 +79,21 @@ fn check_config_names_the_key_of_a_bad_value() {
 #[test]
 fn run_with_a_broken_config_exits_78_before_binding() {
     let bad = GOOD.replace("cert.pem", "missing.pem");
-    let out = edgegate().args(["run", "--config"]).arg(temp("run", &bad)).output().unwrap();
+    let out = edgegate()
+        .args(["run", "--config"])
+        .arg(temp("run", &bad))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.pem"));
 }
 
 #[test]
 fn missing_config_file_exits_78_with_its_path() {
-    let out = edgegate().args(["check-config", "--config", "/nonexistent/edgegate.toml"]).output().unwrap();
+    let out = edgegate()
+        .args(["check-config", "--config", "/nonexistent/edgegate.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/edgegate.toml"));
 }
@@ -81,8 +104,16 @@ fn shipped_example_config_is_accepted_when_its_certificates_exist() {
     let shipped = include_str!("../config/edgegate.toml")
         .replace("/etc/ssl/certs/ssl-cert-snakeoil.pem", "DIR/cert.pem")
         .replace("/etc/ssl/private/ssl-cert-snakeoil.key", "DIR/key.pem");
-    let out = edgegate().args(["check-config", "--config"]).arg(temp("shipped", &shipped)).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = edgegate()
+        .args(["check-config", "--config"])
+        .arg(temp("shipped", &shipped))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -18,7 +18,11 @@ const CLIENTS: usize = 2000;
 const DRAIN_WINDOW_SECS: u64 = 4;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
@@ -36,10 +40,18 @@ fn connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
 }
 
 /// Connects one client and returns when it is closed: (close code, when).
-async fn client(addr: SocketAddr, tls: tokio_rustls::TlsConnector) -> tokio::task::JoinHandle<Option<(u16, Instant)>> {
+async fn client(
+    addr: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+) -> tokio::task::JoinHandle<Option<(u16, Instant)>> {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let stream = tls.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
-    let req = format!("wss://localhost:{}/echo", addr.port()).into_client_request().unwrap();
+    let stream = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let req = format!("wss://localhost:{}/echo", addr.port())
+        .into_client_request()
+        .unwrap();
     let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
     tokio::spawn(async move {
         while let Some(m) = ws.next().await {
@@ -54,22 +66,34 @@ async fn client(addr: SocketAddr, tls: tokio_rustls::TlsConnector) -> tokio::tas
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_closes_thousands_of_clients_with_1001_spread_over_the_window_and_exits_0() {
-    let dir = std::env::temp_dir().join(format!("edgegate-drain-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = edgegate::tls::self_signed().unwrap();
-    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
-    std::fs::write(dir.join("key.pem"), &key).unwrap();
+/// The real binary, started with the example service behind it.
+struct Running {
+    child: std::process::Child,
+    addr: SocketAddr,
+    cert: String,
+    dir: std::path::PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+}
 
-    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let service_addr = service.local_addr().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(edgegate_link::example::run_example_service(service, stop.clone()));
-
-    let port = free_port();
-    let config = format!(
-        r#"
+impl Running {
+    /// Starts `edgegate run` with `drain_window_secs` and waits until its
+    /// links are up.
+    async fn start(tag: &str, drain_window_secs: u64) -> Self {
+        let dir = std::env::temp_dir().join(format!("edgegate-drain-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = edgegate::tls::self_signed().unwrap();
+        std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+        std::fs::write(dir.join("key.pem"), &key).unwrap();
+        let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let service_addr = service.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(edgegate_link::example::run_example_service(
+            service,
+            stop.clone(),
+        ));
+        let port = free_port();
+        let config = format!(
+            r#"
 [admin]
 bind = "127.0.0.1:0"
 [[listener]]
@@ -88,27 +112,62 @@ links = 2
 [limits]
 max_clients = 5000
 [drain]
-drain_window_secs = {DRAIN_WINDOW_SECS}
+drain_window_secs = {drain_window_secs}
 "#,
-        dir = dir.display()
-    );
-    let config_path = dir.join("edgegate.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..300 {
-        if TcpStream::connect(addr).await.is_ok() {
-            break;
+            dir = dir.display()
+        );
+        let config_path = dir.join("edgegate.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        for _ in 0..300 {
+            if TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Links must be up before clients arrive, or they get 1013.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Self {
+            child,
+            addr,
+            cert,
+            dir,
+            stop,
+        }
     }
-    // Links must be up before clients arrive, or they get 1013.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits for the process to exit and cleans up.
+    async fn exit_status(self) -> std::process::ExitStatus {
+        let Running {
+            mut child,
+            dir,
+            stop,
+            ..
+        } = self;
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        stop.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
+        status
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_thousands_of_clients_with_1001_spread_over_the_window_and_exits_0() {
+    let gw = Running::start("many", DRAIN_WINDOW_SECS).await;
+    let (addr, cert) = (gw.addr, gw.cert.clone());
 
     let tls = connector(&cert);
     let mut waiters = Vec::with_capacity(CLIENTS);
@@ -121,7 +180,7 @@ drain_window_secs = {DRAIN_WINDOW_SECS}
     }
 
     let sent = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
     let mut closes = Vec::with_capacity(CLIENTS);
     for w in waiters {
         let got = tokio::time::timeout(Duration::from_secs(DRAIN_WINDOW_SECS + 10), w)
@@ -130,95 +189,75 @@ drain_window_secs = {DRAIN_WINDOW_SECS}
             .unwrap();
         closes.push(got.expect("a close frame"));
     }
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
-    stop.cancel();
-    let _ = std::fs::remove_dir_all(&dir);
+    let status = gw.exit_status().await;
 
-    assert!(closes.iter().all(|(code, _)| *code == 1001), "every client got 1001");
+    assert!(
+        closes.iter().all(|(code, _)| *code == 1001),
+        "every client got 1001"
+    );
     let window = Duration::from_secs(DRAIN_WINDOW_SECS);
     let offsets: Vec<Duration> = closes.iter().map(|(_, t)| t.duration_since(sent)).collect();
     let last = *offsets.iter().max().unwrap();
     let first = *offsets.iter().min().unwrap();
-    assert!(last <= window + Duration::from_secs(2), "last close at {last:?}");
-    assert!(last - first >= window / 2, "closes spread over {:?} only", last - first);
+    assert!(
+        last <= window + Duration::from_secs(2),
+        "last close at {last:?}"
+    );
+    assert!(
+        last - first >= window / 2,
+        "closes spread over {:?} only",
+        last - first
+    );
     // No tenth of the window takes more than a quarter of the clients.
     let mut buckets = [0usize; 10];
     for o in &offsets {
         let b = ((o.as_secs_f64() / window.as_secs_f64()) * 10.0) as usize;
         buckets[b.min(9)] += 1;
     }
-    assert!(buckets.iter().all(|&n| n <= CLIENTS / 4), "closes bunched: {buckets:?}");
-    assert_eq!(status.code(), Some(0), "exit status {status:?}");
-}
-
-/// Starts the binary with a long drain window and one client; returns the
-/// child, the client's close waiter and the scratch dir.
-async fn long_drain_gateway(
-    tag: &str,
-) -> (std::process::Child, tokio::task::JoinHandle<Option<(u16, Instant)>>, std::path::PathBuf, tokio_util::sync::CancellationToken) {
-    let dir = std::env::temp_dir().join(format!("edgegate-drain-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = edgegate::tls::self_signed().unwrap();
-    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
-    std::fs::write(dir.join("key.pem"), &key).unwrap();
-    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let service_addr = service.local_addr().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(edgegate_link::example::run_example_service(service, stop.clone()));
-    let port = free_port();
-    let config = format!(
-        "[admin]\nbind = \"127.0.0.1:0\"\n[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:{port}\"\ntls_cert_path = \"{d}/cert.pem\"\ntls_key_path = \"{d}/key.pem\"\n[[route]]\nlistener = \"p\"\npath = \"/echo\"\nservice = \"s\"\n[[service]]\nname = \"s\"\naddresses = [\"{service_addr}\"]\n[drain]\ndrain_window_secs = 60\n",
-        d = dir.display()
+    assert!(
+        buckets.iter().all(|&n| n <= CLIENTS / 4),
+        "closes bunched: {buckets:?}"
     );
-    let path = dir.join("edgegate.toml");
-    std::fs::write(&path, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..300 {
-        if TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let waiter = client(addr, connector(&cert)).await;
-    (child, waiter, dir, stop)
-}
-
-fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_during_a_long_drain_exits_at_once() {
-    let (mut child, _client, dir, stop) = long_drain_gateway("twice").await;
-    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let gw = Running::start("twice", 60).await;
+    let _client = client(gw.addr, connector(&gw.cert)).await;
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = Instant::now();
-    signal(&child, nix::sys::signal::Signal::SIGTERM);
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
-    assert!(second.elapsed() < Duration::from_secs(5), "exited {:?} after the second SIGTERM", second.elapsed());
-    assert_ne!(status.code(), Some(0), "an interrupted drain is not a clean exit");
-    stop.cancel();
-    let _ = std::fs::remove_dir_all(&dir);
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = gw.exit_status().await;
+    assert!(
+        second.elapsed() < Duration::from_secs(5),
+        "exited {:?} after the second SIGTERM",
+        second.elapsed()
+    );
+    assert_ne!(
+        status.code(),
+        Some(0),
+        "an interrupted drain is not a clean exit"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_drains_within_a_second_and_exits_0() {
-    let (mut child, client, dir, stop) = long_drain_gateway("int").await;
+    let gw = Running::start("int", 60).await;
+    let client = client(gw.addr, connector(&gw.cert)).await;
     let sent = Instant::now();
-    signal(&child, nix::sys::signal::Signal::SIGINT);
-    let closed = tokio::time::timeout(Duration::from_secs(10), client).await.unwrap().unwrap();
+    gw.signal(nix::sys::signal::Signal::SIGINT);
+    let closed = tokio::time::timeout(Duration::from_secs(10), client)
+        .await
+        .unwrap()
+        .unwrap();
     let (code, at) = closed.expect("a close frame");
     assert_eq!(code, 1001);
-    assert!(at.duration_since(sent) < Duration::from_secs(3), "closed after {:?}", at.duration_since(sent));
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
-    assert_eq!(status.code(), Some(0));
-    stop.cancel();
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        at.duration_since(sent) < Duration::from_secs(3),
+        "closed after {:?}",
+        at.duration_since(sent)
+    );
+    assert_eq!(gw.exit_status().await.code(), Some(0));
 }

@@ -27,7 +27,8 @@ pub struct RawFrame {
 impl RawFrame {
     /// The close code of a Close frame.
     pub fn close_code(&self) -> Option<u16> {
-        (self.kind == CLOSE && self.body.len() >= 2).then(|| u16::from_be_bytes([self.body[0], self.body[1]]))
+        (self.kind == CLOSE && self.body.len() >= 2)
+            .then(|| u16::from_be_bytes([self.body[0], self.body[1]]))
     }
 }
 
@@ -37,11 +38,19 @@ pub struct FramedTestClient {
 
 impl FramedTestClient {
     /// TLS to `addr`, then the Hello. Does not wait for Welcome.
-    pub async fn connect(addr: std::net::SocketAddr, cert: &TestCert, route: &str, token: &str) -> std::io::Result<Self> {
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        cert: &TestCert,
+        route: &str,
+        token: &str,
+    ) -> std::io::Result<Self> {
         let tcp = TcpStream::connect(addr).await?;
         let tls = cert
             .connector_alpn(&[b"edgegate/1"])
-            .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+            .connect(
+                rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
             .await?;
         let mut c = Self { tls };
         let mut body = Vec::new();
@@ -77,7 +86,10 @@ impl FramedTestClient {
             let mut buf = vec![0u8; len];
             self.tls.read_exact(&mut buf).await.ok()?;
             let kind = *buf.first()?;
-            Some(RawFrame { kind, body: buf[1..].to_vec() })
+            Some(RawFrame {
+                kind,
+                body: buf[1..].to_vec(),
+            })
         })
         .await
         .expect("frame in time")

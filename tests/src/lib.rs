@@ -105,7 +105,8 @@ impl EventService {
 
     pub fn start_on(listener: TcpListener) -> Self {
         let stop = CancellationToken::new();
-        let (service, events) = Service::start(listener, ServiceConfig::new("test"), stop.clone()).unwrap();
+        let (service, events) =
+            Service::start(listener, ServiceConfig::new("test"), stop.clone()).unwrap();
         let addr = service.local_addr();
         Self {
             service,
@@ -124,7 +125,11 @@ impl EventService {
     }
 
     /// Waits for an event matching `pred`, skipping others.
-    pub async fn wait_for(&mut self, within: Duration, mut pred: impl FnMut(&Event) -> bool) -> Event {
+    pub async fn wait_for(
+        &mut self,
+        within: Duration,
+        mut pred: impl FnMut(&Event) -> bool,
+    ) -> Event {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -163,7 +168,10 @@ impl ExampleService {
     pub fn start_on(listener: TcpListener) -> Self {
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(edgegate_link::example::run_example_service(listener, stop.clone()));
+        let task = tokio::spawn(edgegate_link::example::run_example_service(
+            listener,
+            stop.clone(),
+        ));
         Self {
             addr,
             stop,
@@ -289,7 +297,11 @@ impl GatewayBuilder {
                 .collect();
             t = t.trim_end().to_string() + &format!("\n{k} = {v}\n\n");
         }
-        for (section, kv) in [("limits", &self.limits), ("heartbeat", &self.heartbeat), ("auth", &self.auth)] {
+        for (section, kv) in [
+            ("limits", &self.limits),
+            ("heartbeat", &self.heartbeat),
+            ("auth", &self.auth),
+        ] {
             t += &format!("[{section}]\n");
             for (k, v) in kv {
                 t += &format!("{k} = {v}\n");
@@ -307,7 +319,8 @@ impl GatewayBuilder {
         let text = self.toml(&cert);
         let path = dir.join("edgegate.toml");
         std::fs::write(&path, &text).unwrap();
-        let config = Config::from_toml(&path, &text, std::iter::empty()).expect("test config checks");
+        let config =
+            Config::from_toml(&path, &text, std::iter::empty()).expect("test config checks");
         let gateway = Gateway::start(&config).await.expect("gateway starts");
         let addr = gateway.local_addr("test").unwrap();
         let tg = TestGateway {
@@ -344,7 +357,10 @@ impl TestGateway {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("links did not come up: {} of {n}", self.gateway().links_up("svc"));
+        panic!(
+            "links did not come up: {} of {n}",
+            self.gateway().links_up("svc")
+        );
     }
 
     /// Opens a TLS WebSocket client on `path` (which may carry a query).
@@ -427,7 +443,8 @@ pub async fn ws_connect(
             v.parse().unwrap(),
         );
     }
-    let (ws, _resp): (WsClient, Response<Option<Vec<u8>>>) = tokio_tungstenite::client_async(req, tls).await?;
+    let (ws, _resp): (WsClient, Response<Option<Vec<u8>>>) =
+        tokio_tungstenite::client_async(req, tls).await?;
     Ok(ws)
 }
 
@@ -476,7 +493,9 @@ pub async fn http_request(
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "admin reply timed out"))??;
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "admin reply timed out")
+        })??;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP reply");
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;

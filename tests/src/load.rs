@@ -91,7 +91,12 @@ impl ServerCertVerifier for AcceptAny {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -99,7 +104,12 @@ impl ServerCertVerifier for AcceptAny {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -252,7 +262,10 @@ fn typed_frame(kind: u8, body: &[u8]) -> Bytes {
 }
 
 /// The framed protocol's opening: Hello (route, empty token), then Welcome.
-async fn framed_hello(f: &mut Framed<TlsStream<TcpStream>, LengthDelimitedCodec>, route: &str) -> Result<(), BoxError> {
+async fn framed_hello(
+    f: &mut Framed<TlsStream<TcpStream>, LengthDelimitedCodec>,
+    route: &str,
+) -> Result<(), BoxError> {
     let mut hello = BytesMut::with_capacity(1 + 2 + route.len() + 2);
     hello.put_u8(frame::HELLO);
     hello.put_u16(u16::try_from(route.len()).map_err(|_| "route longer than 65535 bytes")?);
@@ -261,9 +274,11 @@ async fn framed_hello(f: &mut Framed<TlsStream<TcpStream>, LengthDelimitedCodec>
     f.send(hello.freeze()).await?;
     match f.next().await {
         Some(Ok(b)) if b.first() == Some(&frame::WELCOME) => Ok(()),
-        Some(Ok(b)) if b.first() == Some(&frame::CLOSE) && b.len() >= 3 => {
-            Err(format!("refused with close code {}", u16::from_be_bytes([b[1], b[2]])).into())
-        }
+        Some(Ok(b)) if b.first() == Some(&frame::CLOSE) && b.len() >= 3 => Err(format!(
+            "refused with close code {}",
+            u16::from_be_bytes([b[1], b[2]])
+        )
+        .into()),
         Some(Ok(b)) => Err(format!("expected Welcome, got frame type {:?}", b.first()).into()),
         Some(Err(e)) => Err(e.into()),
         None => Err("closed before Welcome".into()),
@@ -288,15 +303,26 @@ pub async fn connect(target: &Target, source: IpAddr) -> Result<Conn, BoxError> 
     let tls = target.connector.connect(name, tcp).await?;
     match target.proto {
         Proto::WebSocket => {
-            let mut req = format!("wss://{}:{}{}", target.server_name, target.addr.port(), target.path)
-                .into_client_request()?;
+            let mut req = format!(
+                "wss://{}:{}{}",
+                target.server_name,
+                target.addr.port(),
+                target.path
+            )
+            .into_client_request()?;
             // Keep the Host header free of the port so proxies route it plainly.
-            req.headers_mut()
-                .insert("host", target.server_name.parse().expect("server name is a header value"));
+            req.headers_mut().insert(
+                "host",
+                target
+                    .server_name
+                    .parse()
+                    .expect("server name is a header value"),
+            );
             let config = WebSocketConfig::default()
                 .read_buffer_size(WS_READ_BUFFER_BYTES)
                 .write_buffer_size(0);
-            let (ws, _) = tokio_tungstenite::client_async_with_config(req, tls, Some(config)).await?;
+            let (ws, _) =
+                tokio_tungstenite::client_async_with_config(req, tls, Some(config)).await?;
             Ok(Conn::Ws(ws))
         }
         Proto::Framed => {
@@ -411,7 +437,9 @@ impl Shared {
     }
 
     fn record(&self, payload: &[u8]) {
-        let Some(sent) = payload.get(..TIMESTAMP_BYTES) else { return };
+        let Some(sent) = payload.get(..TIMESTAMP_BYTES) else {
+            return;
+        };
         let sent = u64::from_be_bytes(sent.try_into().expect("8 bytes"));
         let us = now_unix_nanos().saturating_sub(sent) / 1000;
         self.counters.received.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +451,10 @@ impl Shared {
 
     /// Takes the histogram, leaving an empty one.
     pub fn take_latency(&self) -> Histogram<u64> {
-        std::mem::replace(&mut *self.latency.lock().expect("histogram lock"), new_histogram())
+        std::mem::replace(
+            &mut *self.latency.lock().expect("histogram lock"),
+            new_histogram(),
+        )
     }
 }
 
@@ -451,7 +482,12 @@ pub fn timestamped(size: usize) -> Bytes {
 pub fn histogram_json(h: &Histogram<u64>) -> serde_json::Value {
     let buckets: Vec<[u64; 2]> = h
         .iter_recorded()
-        .map(|v| [h.highest_equivalent(v.value_iterated_to()), v.count_at_value()])
+        .map(|v| {
+            [
+                h.highest_equivalent(v.value_iterated_to()),
+                v.count_at_value(),
+            ]
+        })
         .collect();
     serde_json::json!({
         "count": h.len(),
@@ -628,7 +664,8 @@ async fn session(
         match role {
             Role::Periodic { period, offset } => match (state.sending, interval.is_some()) {
                 (true, false) => {
-                    let mut iv = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+                    let mut iv =
+                        tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
                     iv.set_missed_tick_behavior(MissedTickBehavior::Skip);
                     interval = Some(iv);
                 }
@@ -664,8 +701,19 @@ pub async fn open_clients(
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let started = Instant::now();
     for i in 0..clients {
-        let permit = permits.clone().acquire_owned().await.expect("semaphore open");
-        spawn_client(i, role(i), target.clone(), shared.clone(), control.clone(), permit);
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        spawn_client(
+            i,
+            role(i),
+            target.clone(),
+            shared.clone(),
+            control.clone(),
+            permit,
+        );
     }
     let c = &shared.counters;
     while c.connected.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed) < clients {

@@ -14,7 +14,10 @@ use tokio_util::codec::Framed;
 async fn close_code(ws: &mut WsClient, within: Duration) -> Option<u16> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await.expect("close in time") {
+        match tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("close in time")
+        {
             None | Some(Err(_)) => return None,
             Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
             Some(Ok(_)) => {}
@@ -49,8 +52,17 @@ async fn a_service_that_stops_reading_pauses_its_clients_then_closes_them_with_1
         Ok(ws) => ws,
         Err(_) => panic!("client writes never stopped: the gateway kept reading"),
     };
-    assert_eq!(close_code(&mut ws, Duration::from_secs(10)).await, Some(1013));
-    assert_eq!(gw.metric("edgegate_clients_closed_total", "reason=\"link_backpressure\""), 1.0);
+    assert_eq!(
+        close_code(&mut ws, Duration::from_secs(10)).await,
+        Some(1013)
+    );
+    assert_eq!(
+        gw.metric(
+            "edgegate_clients_closed_total",
+            "reason=\"link_backpressure\""
+        ),
+        1.0
+    );
     drop(service);
 }
 
@@ -65,7 +77,12 @@ async fn a_link_that_stops_answering_is_torn_down_and_its_clients_closed_with_10
             let (sock, _) = listener.accept().await.unwrap();
             let mut link = Framed::new(sock, FrameCodec::default());
             if let Some(Ok(Frame::Hello { .. })) = link.next().await {
-                link.send(Frame::Hello { version: PROTOCOL_VERSION, name: "silent".into() }).await.unwrap();
+                link.send(Frame::Hello {
+                    version: PROTOCOL_VERSION,
+                    name: "silent".into(),
+                })
+                .await
+                .unwrap();
             }
             held.push(link); // read nothing more, answer nothing
         }
@@ -73,7 +90,10 @@ async fn a_link_that_stops_answering_is_torn_down_and_its_clients_closed_with_10
     // The builder's service pings every 1 s and gives up after 3 s.
     let gw = GatewayBuilder::new(addr).links(1).start().await;
     let mut ws = gw.connect("/echo").await;
-    assert_eq!(close_code(&mut ws, Duration::from_secs(10)).await, Some(1012));
+    assert_eq!(
+        close_code(&mut ws, Duration::from_secs(10)).await,
+        Some(1012)
+    );
     let mut reconnects = 0.0;
     for _ in 0..100 {
         reconnects = gw.metric("edgegate_link_reconnects_total", "");
@@ -83,6 +103,9 @@ async fn a_link_that_stops_answering_is_torn_down_and_its_clients_closed_with_10
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(reconnects >= 1.0, "link redialled");
-    assert_eq!(gw.metric("edgegate_clients_closed_total", "reason=\"link_lost\""), 1.0);
+    assert_eq!(
+        gw.metric("edgegate_clients_closed_total", "reason=\"link_lost\""),
+        1.0
+    );
     accepted.abort();
 }

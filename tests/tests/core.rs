@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use edgegate_link::proto::{Frame, Kind};
 use edgegate_link::service::Event;
-use edgegate_tests::{refused_status, ExampleService, EventService, GatewayBuilder, WsClient};
+use edgegate_tests::{refused_status, EventService, ExampleService, GatewayBuilder, WsClient};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -109,7 +109,9 @@ async fn invalid_or_expired_token_gets_401_and_the_service_never_sees_an_open() 
         .auth("jwt_leeway_secs", 0)
         .start()
         .await;
-    service.wait_for(WAIT, |e| matches!(e, Event::LinkUp { .. })).await;
+    service
+        .wait_for(WAIT, |e| matches!(e, Event::LinkUp { .. }))
+        .await;
 
     let expired = hs256_token(secret, "edgegate", -600);
     let wrong_key = hs256_token(b"another-secret-another-secret-123456", "edgegate", 600);
@@ -123,14 +125,23 @@ async fn invalid_or_expired_token_gets_401_and_the_service_never_sees_an_open() 
         assert_eq!(refused_status(&err), Some(401), "{path}");
     }
     let bearer = format!("Bearer {expired}");
-    let err = gw.try_connect("/echo", &[("authorization", &bearer)]).await.expect_err("refused");
+    let err = gw
+        .try_connect("/echo", &[("authorization", &bearer)])
+        .await
+        .expect_err("refused");
     assert_eq!(refused_status(&err), Some(401));
-    assert_eq!(gw.metric("edgegate_handshake_failures_total", "phase=\"auth\""), 5.0);
+    assert_eq!(
+        gw.metric("edgegate_handshake_failures_total", "phase=\"auth\""),
+        5.0
+    );
 
     // A good token gets in, and its claims reach the service.
     let good = hs256_token(secret, "edgegate", 600);
     let _ws = gw.connect(&format!("/echo?access_token={good}")).await;
-    match service.wait_for(WAIT, |e| matches!(e, Event::Open { .. })).await {
+    match service
+        .wait_for(WAIT, |e| matches!(e, Event::Open { .. }))
+        .await
+    {
         Event::Open { claims, route, .. } => {
             assert_eq!(route, "/echo");
             let v: serde_json::Value = serde_json::from_slice(&claims).unwrap();
@@ -181,7 +192,13 @@ async fn oversized_message_is_closed_with_1009() {
     ws.send(Message::binary(vec![0u8; 4096])).await.unwrap();
     assert_eq!(close_code(&mut ws, WAIT).await, Some(1009));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(gw.metric("edgegate_clients_closed_total", "reason=\"message_too_big\""), 1.0);
+    assert_eq!(
+        gw.metric(
+            "edgegate_clients_closed_total",
+            "reason=\"message_too_big\""
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -195,8 +212,17 @@ async fn silent_client_is_closed_after_the_heartbeat_timeout() {
     let mut ws = gw.connect("/echo").await;
     // Not polling the client means its pongs are never sent: it is silent.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    assert_eq!(close_code(&mut ws, WAIT).await, Some(edgegate::client::HEARTBEAT_TIMEOUT_CODE));
-    assert_eq!(gw.metric("edgegate_clients_closed_total", "reason=\"heartbeat_timeout\""), 1.0);
+    assert_eq!(
+        close_code(&mut ws, WAIT).await,
+        Some(edgegate::client::HEARTBEAT_TIMEOUT_CODE)
+    );
+    assert_eq!(
+        gw.metric(
+            "edgegate_clients_closed_total",
+            "reason=\"heartbeat_timeout\""
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -219,7 +245,10 @@ async fn client_answering_pings_outlives_the_heartbeat_timeout() {
 
 /// A service that sends `n` messages of `size` bytes to the first client that opens.
 async fn flood_first_client(service: &mut EventService, n: usize, size: usize) {
-    let (link, client) = match service.wait_for(WAIT, |e| matches!(e, Event::Open { .. })).await {
+    let (link, client) = match service
+        .wait_for(WAIT, |e| matches!(e, Event::Open { .. }))
+        .await
+    {
         Event::Open { link, client, .. } => (link, client),
         _ => unreachable!(),
     };
@@ -251,7 +280,7 @@ async fn slow_reader_drops_oldest_and_counts_it() {
         .start()
         .await;
     let _ws = gw.connect("/echo").await; // never reads
-    // 64 MiB: far more than the loopback socket buffers hold.
+                                         // 64 MiB: far more than the loopback socket buffers hold.
     flood_first_client(&mut service, 1024, 64 * 1024).await;
     let mut dropped = 0.0;
     for _ in 0..200 {
@@ -262,7 +291,11 @@ async fn slow_reader_drops_oldest_and_counts_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(dropped > 0.0, "no drops counted");
-    assert_eq!(gw.gateway().client_count(), 1, "drop_oldest keeps the client");
+    assert_eq!(
+        gw.gateway().client_count(),
+        1,
+        "drop_oldest keeps the client"
+    );
 }
 
 #[tokio::test]
@@ -280,8 +313,14 @@ async fn slow_reader_under_close_policy_is_closed_and_counted() {
     service
         .wait_for(WAIT, |e| matches!(e, Event::Close { .. }))
         .await;
-    assert_eq!(gw.metric("edgegate_clients_closed_total", "reason=\"slow_reader\""), 1.0);
-    assert_eq!(gw.metric("edgegate_outbound_dropped_total", "policy=\"close\""), 1.0);
+    assert_eq!(
+        gw.metric("edgegate_clients_closed_total", "reason=\"slow_reader\""),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("edgegate_outbound_dropped_total", "policy=\"close\""),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -316,8 +355,14 @@ async fn service_killed_and_restarted_links_come_back() {
     after.send(Message::text("b")).await.unwrap();
     assert_eq!(recv(&mut after).await, Message::text("b"));
     assert!(gw.metric("edgegate_link_reconnects_total", "") >= 1.0);
-    assert_eq!(gw.metric("edgegate_clients_closed_total", "reason=\"link_lost\""), 1.0);
-    assert_eq!(gw.metric("edgegate_clients_closed_total", "reason=\"no_link\""), 1.0);
+    assert_eq!(
+        gw.metric("edgegate_clients_closed_total", "reason=\"link_lost\""),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("edgegate_clients_closed_total", "reason=\"no_link\""),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -325,14 +370,19 @@ async fn client_close_reaches_the_service_with_its_code() {
     let mut service = EventService::start().await;
     let gw = GatewayBuilder::new(service.addr).links(1).start().await;
     let mut ws = gw.connect("/echo").await;
-    service.wait_for(WAIT, |e| matches!(e, Event::Open { .. })).await;
+    service
+        .wait_for(WAIT, |e| matches!(e, Event::Open { .. }))
+        .await;
     ws.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
         code: 4001u16.into(),
         reason: "bye".into(),
     }))
     .await
     .unwrap();
-    match service.wait_for(WAIT, |e| matches!(e, Event::Close { .. })).await {
+    match service
+        .wait_for(WAIT, |e| matches!(e, Event::Close { .. }))
+        .await
+    {
         Event::Close { code, .. } => assert_eq!(code, 4001),
         _ => unreachable!(),
     }
@@ -343,13 +393,23 @@ async fn service_close_reaches_the_client_with_its_code() {
     let mut service = EventService::start().await;
     let gw = GatewayBuilder::new(service.addr).links(1).start().await;
     let mut ws = gw.connect("/echo").await;
-    let (link, client) = match service.wait_for(WAIT, |e| matches!(e, Event::Open { .. })).await {
+    let (link, client) = match service
+        .wait_for(WAIT, |e| matches!(e, Event::Open { .. }))
+        .await
+    {
         Event::Open { link, client, .. } => (link, client),
         _ => unreachable!(),
     };
     service
         .service
-        .send(link, Frame::ClientClose { client, code: 4100, reason: "kicked".into() })
+        .send(
+            link,
+            Frame::ClientClose {
+                client,
+                code: 4100,
+                reason: "kicked".into(),
+            },
+        )
         .await
         .unwrap();
     assert_eq!(close_code(&mut ws, WAIT).await, Some(4100));
@@ -358,7 +418,11 @@ async fn service_close_reaches_the_client_with_its_code() {
 #[tokio::test]
 async fn drain_closes_every_client_with_1001_and_tells_the_service() {
     let mut service = EventService::start().await;
-    let gw = GatewayBuilder::new(service.addr).links(1).drain_window_secs(1).start().await;
+    let gw = GatewayBuilder::new(service.addr)
+        .links(1)
+        .drain_window_secs(1)
+        .start()
+        .await;
     let mut clients = Vec::new();
     for _ in 0..20 {
         clients.push(gw.connect("/echo").await);
@@ -368,12 +432,20 @@ async fn drain_closes_every_client_with_1001_and_tells_the_service() {
     for ws in &mut clients {
         assert_eq!(close_code(ws, WAIT).await, Some(1001));
     }
-    tokio::time::timeout(WAIT, drain).await.expect("drain finishes").unwrap();
+    tokio::time::timeout(WAIT, drain)
+        .await
+        .expect("drain finishes")
+        .unwrap();
     let mut closes = 0;
-    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(500), service.events.recv()).await {
+    while let Ok(Some(e)) =
+        tokio::time::timeout(Duration::from_millis(500), service.events.recv()).await
+    {
         if matches!(e, Event::Close { .. }) {
             closes += 1;
         }
     }
-    assert_eq!(closes, 20, "every client's close reached the service before the link closed");
+    assert_eq!(
+        closes, 20,
+        "every client's close reached the service before the link closed"
+    );
 }

@@ -13,7 +13,9 @@ const WAIT: Duration = Duration::from_secs(5);
 async fn framed_client_echo_round_trip() {
     let service = ExampleService::start().await;
     let gw = GatewayBuilder::new(service.addr).framed().start().await;
-    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "").await.unwrap();
+    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "")
+        .await
+        .unwrap();
     assert_eq!(c.recv(WAIT).await.unwrap().kind, WELCOME);
     c.send(TEXT, b"hello").await.unwrap();
     let f = c.recv_data(WAIT).await.unwrap();
@@ -28,8 +30,12 @@ async fn framed_client_echo_round_trip() {
 async fn framed_and_websocket_clients_share_a_chat_topic() {
     let service = ExampleService::start().await;
     let gw = GatewayBuilder::new(service.addr).framed().start().await;
-    let mut a = FramedTestClient::connect(gw.addr, &gw.cert, "/chat", "").await.unwrap();
-    let mut b = FramedTestClient::connect(gw.addr, &gw.cert, "/chat", "").await.unwrap();
+    let mut a = FramedTestClient::connect(gw.addr, &gw.cert, "/chat", "")
+        .await
+        .unwrap();
+    let mut b = FramedTestClient::connect(gw.addr, &gw.cert, "/chat", "")
+        .await
+        .unwrap();
     assert_eq!(a.recv(WAIT).await.unwrap().kind, WELCOME);
     assert_eq!(b.recv(WAIT).await.unwrap().kind, WELCOME);
     for _ in 0..200 {
@@ -49,7 +55,9 @@ async fn framed_and_websocket_clients_share_a_chat_topic() {
 async fn framed_client_with_unknown_route_gets_4404() {
     let service = ExampleService::start().await;
     let gw = GatewayBuilder::new(service.addr).framed().start().await;
-    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/nowhere", "").await.unwrap();
+    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/nowhere", "")
+        .await
+        .unwrap();
     assert_eq!(c.recv(WAIT).await.unwrap().close_code(), Some(4404));
 }
 
@@ -68,13 +76,26 @@ async fn framed_client_with_a_bad_token_gets_4401_and_never_reaches_the_service(
         .auth("jwt_audience", "\"edgegate\"")
         .start()
         .await;
-    service.wait_for(WAIT, |e| matches!(e, Event::LinkUp { .. })).await;
-    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "not-a-jwt").await.unwrap();
+    service
+        .wait_for(WAIT, |e| matches!(e, Event::LinkUp { .. }))
+        .await;
+    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "not-a-jwt")
+        .await
+        .unwrap();
     assert_eq!(c.recv(WAIT).await.unwrap().close_code(), Some(4401));
-    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "").await.unwrap();
+    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "")
+        .await
+        .unwrap();
     assert_eq!(c.recv(WAIT).await.unwrap().close_code(), Some(4401));
-    assert_eq!(gw.metric("edgegate_handshake_failures_total", "phase=\"auth\""), 2.0);
-    assert!(tokio::time::timeout(Duration::from_millis(300), service.events.recv()).await.is_err());
+    assert_eq!(
+        gw.metric("edgegate_handshake_failures_total", "phase=\"auth\""),
+        2.0
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), service.events.recv())
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
@@ -85,7 +106,9 @@ async fn framed_oversized_message_is_closed_with_1009() {
         .limit("max_message_bytes", 1024)
         .start()
         .await;
-    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "").await.unwrap();
+    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "")
+        .await
+        .unwrap();
     assert_eq!(c.recv(WAIT).await.unwrap().kind, WELCOME);
     c.send(BINARY, &vec![0u8; 2048]).await.unwrap();
     assert_eq!(c.recv_data(WAIT).await.unwrap().close_code(), Some(1009));
@@ -100,7 +123,9 @@ async fn framed_ping_is_answered_and_silence_times_out() {
         .heartbeat("ping_timeout_secs", 2)
         .start()
         .await;
-    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "").await.unwrap();
+    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "")
+        .await
+        .unwrap();
     assert_eq!(c.recv(WAIT).await.unwrap().kind, WELCOME);
     c.send(PING, b"n1").await.unwrap();
     let f = c.recv(WAIT).await.unwrap();
@@ -114,7 +139,10 @@ async fn framed_ping_is_answered_and_silence_times_out() {
             continue;
         }
         assert_eq!(f.kind, CLOSE);
-        assert_eq!(f.close_code(), Some(edgegate::client::HEARTBEAT_TIMEOUT_CODE));
+        assert_eq!(
+            f.close_code(),
+            Some(edgegate::client::HEARTBEAT_TIMEOUT_CODE)
+        );
         break;
     }
     assert!(saw_ping);
@@ -124,7 +152,9 @@ async fn framed_ping_is_answered_and_silence_times_out() {
 async fn framed_garbage_first_frame_is_refused() {
     let service = ExampleService::start().await;
     let gw = GatewayBuilder::new(service.addr).framed().start().await;
-    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "").await.unwrap();
+    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "")
+        .await
+        .unwrap();
     assert_eq!(c.recv(WAIT).await.unwrap().kind, WELCOME);
     // An unknown frame type after the Hello: protocol error 1002.
     c.send_raw(&[0, 0, 0, 1, 0x7f]).await.unwrap();

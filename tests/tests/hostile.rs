@@ -59,16 +59,25 @@ async fn settle(gw: &TestGateway, within: Duration) -> Duration {
 }
 
 fn failures(gw: &TestGateway, phase: &str) -> f64 {
-    gw.metric("edgegate_handshake_failures_total", &format!("phase=\"{phase}\""))
+    gw.metric(
+        "edgegate_handshake_failures_total",
+        &format!("phase=\"{phase}\""),
+    )
 }
 
 fn closed(gw: &TestGateway, reason: &str) -> f64 {
-    gw.metric("edgegate_clients_closed_total", &format!("reason=\"{reason}\""))
+    gw.metric(
+        "edgegate_clients_closed_total",
+        &format!("reason=\"{reason}\""),
+    )
 }
 
 /// Reads until the peer closes (EOF or error); returns the bytes read and
 /// when it closed. Panics if it stays open past `within`.
-async fn read_until_closed<S: AsyncReadExt + Unpin>(s: &mut S, within: Duration) -> (Vec<u8>, Duration) {
+async fn read_until_closed<S: AsyncReadExt + Unpin>(
+    s: &mut S,
+    within: Duration,
+) -> (Vec<u8>, Duration) {
     let start = Instant::now();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -95,7 +104,8 @@ async fn raw_tls(gw: &TestGateway) -> TlsStream<TcpStream> {
 /// The bytes of a real rustls ClientHello for `localhost`.
 fn real_client_hello(gw: &TestGateway) -> Vec<u8> {
     let config = gw.cert.connector().config().clone();
-    let mut conn = rustls::ClientConnection::new(config, ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut conn =
+        rustls::ClientConnection::new(config, ServerName::try_from("localhost").unwrap()).unwrap();
     let mut out = Vec::new();
     conn.write_tls(&mut out).unwrap();
     out
@@ -124,7 +134,10 @@ fn crafted_client_hello(version: [u8; 2], suites: &[u16]) -> Vec<u8> {
     // ec_point_formats: uncompressed
     push_ext(0x000b, &[1, 0]);
     // signature_algorithms: ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256, rsa_pkcs1_sha256, rsa_pkcs1_sha1
-    push_ext(0x000d, &[0, 8, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01, 0x02, 0x01]);
+    push_ext(
+        0x000d,
+        &[0, 8, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01, 0x02, 0x01],
+    );
 
     let mut hello = Vec::new();
     hello.extend_from_slice(&version);
@@ -268,7 +281,9 @@ async fn read_end(s: &mut TlsStream<TcpStream>, within: Duration) -> (End, usize
                 return End::Eof;
             }
             match opcode {
-                OP_CLOSE if payload.len() >= 2 => return End::Close(u16::from_be_bytes([payload[0], payload[1]])),
+                OP_CLOSE if payload.len() >= 2 => {
+                    return End::Close(u16::from_be_bytes([payload[0], payload[1]]))
+                }
                 OP_CLOSE => return End::CloseNoCode,
                 0xA => pongs += 1,
                 _ => {}
@@ -283,14 +298,19 @@ async fn read_end(s: &mut TlsStream<TcpStream>, within: Duration) -> (End, usize
 /// Every event the service has queued now (after a short quiet period).
 async fn drain_events(service: &mut EventService) -> Vec<Event> {
     let mut events = Vec::new();
-    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(300), service.events.recv()).await {
+    while let Ok(Some(e)) =
+        tokio::time::timeout(Duration::from_millis(300), service.events.recv()).await
+    {
         events.push(e);
     }
     events
 }
 
 fn messages(events: &[Event]) -> usize {
-    events.iter().filter(|e| matches!(e, Event::Message { .. })).count()
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Message { .. }))
+        .count()
 }
 
 // ---------------------------------------------------------------------------
@@ -304,7 +324,9 @@ async fn garbage_instead_of_a_client_hello_is_dropped_at_once_and_counted_as_a_t
     let inputs: [&[u8]; 4] = [
         b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
         &[0u8; 512],
-        &[0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00, 0xff, 0xfb, 0, 0, 0, 0],
+        &[
+            0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00, 0xff, 0xfb, 0, 0, 0, 0,
+        ],
         &[0xff; 64],
     ];
     for input in inputs {
@@ -320,7 +342,10 @@ async fn garbage_instead_of_a_client_hello_is_dropped_at_once_and_counted_as_a_t
     assert_eq!(failures(&gw, "tls"), inputs.len() as f64);
     assert_eq!(gw.gateway().client_count(), 0);
     let events = drain_events(&mut service).await;
-    assert!(!events.iter().any(|e| matches!(e, Event::Open { .. })), "{events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Open { .. })),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
@@ -370,7 +395,9 @@ async fn slowloris_dripping_a_client_hello_is_cut_at_the_handshake_timeout_while
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let mut probe = [0u8; 1];
-                if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut probe)).await {
+                if let Ok(Ok(0)) =
+                    tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut probe)).await
+                {
                     break;
                 }
             }
@@ -413,7 +440,10 @@ async fn idle_connections_holding_every_handshake_permit_do_not_lock_out_new_cli
     let _ws = gw.connect("/echo").await;
     let waited = start.elapsed();
     println!("new client behind 8 idle connections holding 8 permits: in after {waited:?}");
-    assert!(waited < Duration::from_secs(4), "a new client waited {waited:?} behind idle connections");
+    assert!(
+        waited < Duration::from_secs(4),
+        "a new client waited {waited:?} behind idle connections"
+    );
 }
 
 /// The cheap variant: one byte, then nothing. The permit is kept once a byte
@@ -439,7 +469,10 @@ async fn connections_that_send_one_byte_and_stall_do_not_lock_out_new_clients() 
     let start = Instant::now();
     let _ws = gw.connect("/echo").await;
     let waited = start.elapsed();
-    assert!(waited < Duration::from_secs(4), "a new client waited {waited:?} behind stalled connections");
+    assert!(
+        waited < Duration::from_secs(4),
+        "a new client waited {waited:?} behind stalled connections"
+    );
 }
 
 #[tokio::test]
@@ -459,7 +492,10 @@ async fn tls_1_0_and_1_1_offers_are_refused_with_a_protocol_version_alert() {
             Some(TLS_ALERT_PROTOCOL_VERSION),
             "version {version:?}: {reply:02x?}"
         );
-        assert!(after < Duration::from_secs(3), "closed after {after:?}: at the 10 s timeout, not on the offer");
+        assert!(
+            after < Duration::from_secs(3),
+            "closed after {after:?}: at the 10 s timeout, not on the offer"
+        );
     }
     settle(&gw, WAIT).await;
     assert_eq!(failures(&gw, "tls"), 2.0);
@@ -485,7 +521,9 @@ async fn tls_1_2_offer_of_only_weak_cipher_suites_is_refused_with_a_handshake_fa
     ];
     for (what, suites) in &weak {
         let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
-        tcp.write_all(&crafted_client_hello([3, 3], suites)).await.unwrap();
+        tcp.write_all(&crafted_client_hello([3, 3], suites))
+            .await
+            .unwrap();
         let (reply, _) = read_until_closed(&mut tcp, WAIT).await;
         assert_eq!(
             alert_description(&reply),
@@ -519,7 +557,9 @@ async fn endless_request_headers_are_cut_off_after_64_kib() {
     let service = EventService::start().await;
     let gw = gateway(&service).await;
     let mut s = raw_tls(&gw).await;
-    s.write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
     let line = format!("X-Filler: {}\r\n", "a".repeat(1000));
     let mut written = 0usize;
     // Up to 1 MiB; the gateway must hang up long before.
@@ -534,7 +574,9 @@ async fn endless_request_headers_are_cut_off_after_64_kib() {
     };
     let (_, _) = read_until_closed(&mut s, WAIT).await;
     settle(&gw, WAIT).await;
-    println!("header bytes written before the gateway hung up: {refused_at} (socket buffers included)");
+    println!(
+        "header bytes written before the gateway hung up: {refused_at} (socket buffers included)"
+    );
     assert_eq!(failures(&gw, "upgrade"), 1.0);
 }
 
@@ -578,14 +620,18 @@ async fn malformed_upgrade_requests_are_refused_counted_and_never_reach_the_serv
         ),
         (
             "no Sec-WebSocket-Key",
-            upgrade_request("GET", "/echo", "").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+            upgrade_request("GET", "/echo", "")
+                .replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
         ),
         (
             "Sec-WebSocket-Version 8",
             upgrade_request("GET", "/echo", "").replace("Version: 13", "Version: 8"),
         ),
         ("not HTTP", "\x00\x01\x02 garbage\r\n\r\n".to_string()),
-        ("200 headers", upgrade_request("GET", "/echo", &many_headers)),
+        (
+            "200 headers",
+            upgrade_request("GET", "/echo", &many_headers),
+        ),
         ("unknown route", upgrade_request("GET", "/admin", "")),
     ];
     let mut outcomes = Vec::new();
@@ -594,7 +640,10 @@ async fn malformed_upgrade_requests_are_refused_counted_and_never_reach_the_serv
         s.write_all(req.as_bytes()).await.unwrap();
         let status = read_http_status(&mut s).await;
         let _ = read_until_closed(&mut s, WAIT).await;
-        assert!(status.is_none_or(|c| (400..500).contains(&c)), "{what}: {status:?}");
+        assert!(
+            status.is_none_or(|c| (400..500).contains(&c)),
+            "{what}: {status:?}"
+        );
         outcomes.push(format!(
             "{what}: {}",
             status.map_or("closed without a response".into(), |c| format!("HTTP {c}"))
@@ -605,7 +654,10 @@ async fn malformed_upgrade_requests_are_refused_counted_and_never_reach_the_serv
     settle(&gw, WAIT).await;
     assert_eq!(failures(&gw, "upgrade"), cases.len() as f64);
     let events = drain_events(&mut service).await;
-    assert!(!events.iter().any(|e| matches!(e, Event::Open { .. })), "{events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Open { .. })),
+        "{events:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -632,15 +684,27 @@ async fn broken_websocket_frames_are_closed_with_the_right_code_and_nothing_is_f
         v
     };
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
-        ("unmasked text frame", ws_frame(true, 0, OP_TEXT, None, b"hi"), 1002),
+        (
+            "unmasked text frame",
+            ws_frame(true, 0, OP_TEXT, None, b"hi"),
+            1002,
+        ),
         (
             "RSV1 set without an extension",
             ws_frame(true, 4, OP_TEXT, k, b"hi"),
             1002,
         ),
         ("RSV3 set", ws_frame(true, 1, OP_BINARY, k, b"hi"), 1002),
-        ("reserved data opcode 0x3", ws_frame(true, 0, 0x3, k, b"hi"), 1002),
-        ("reserved control opcode 0xB", ws_frame(true, 0, 0xB, k, b""), 1002),
+        (
+            "reserved data opcode 0x3",
+            ws_frame(true, 0, 0x3, k, b"hi"),
+            1002,
+        ),
+        (
+            "reserved control opcode 0xB",
+            ws_frame(true, 0, 0xB, k, b""),
+            1002,
+        ),
         (
             "continuation without a start",
             ws_frame(true, 0, OP_CONT, k, b"hi"),
@@ -660,8 +724,16 @@ async fn broken_websocket_frames_are_closed_with_the_right_code_and_nothing_is_f
             },
             1007,
         ),
-        ("ping of 126 bytes", ws_frame(true, 0, OP_PING, k, &[0; 126]), 1002),
-        ("fragmented ping", ws_frame(false, 0, OP_PING, k, b"p"), 1002),
+        (
+            "ping of 126 bytes",
+            ws_frame(true, 0, OP_PING, k, &[0; 126]),
+            1002,
+        ),
+        (
+            "fragmented ping",
+            ws_frame(false, 0, OP_PING, k, b"p"),
+            1002,
+        ),
         (
             "new text inside a fragmented message",
             {
@@ -678,7 +750,11 @@ async fn broken_websocket_frames_are_closed_with_the_right_code_and_nothing_is_f
             1009,
         ),
         ("length field of 2^62", huge_length_header, 1009),
-        ("close with a 1-byte body", ws_frame(true, 0, OP_CLOSE, k, &[3]), 1002),
+        (
+            "close with a 1-byte body",
+            ws_frame(true, 0, OP_CLOSE, k, &[3]),
+            1002,
+        ),
         (
             "close with reserved code 1005",
             ws_frame(true, 0, OP_CLOSE, k, &1005u16.to_be_bytes()),
@@ -702,8 +778,14 @@ async fn broken_websocket_frames_are_closed_with_the_right_code_and_nothing_is_f
     println!("{}", outcomes.join("\n"));
     settle(&gw, WAIT).await;
     let events = drain_events(&mut service).await;
-    let opens = events.iter().filter(|e| matches!(e, Event::Open { .. })).count();
-    let closes = events.iter().filter(|e| matches!(e, Event::Close { .. })).count();
+    let opens = events
+        .iter()
+        .filter(|e| matches!(e, Event::Open { .. }))
+        .count();
+    let closes = events
+        .iter()
+        .filter(|e| matches!(e, Event::Close { .. }))
+        .count();
     assert_eq!(
         (opens, closes, messages(&events)),
         (cases.len(), cases.len(), 0),
@@ -715,12 +797,16 @@ async fn broken_websocket_frames_are_closed_with_the_right_code_and_nothing_is_f
     let too_big = cases.iter().filter(|c| c.2 == 1009).count() as f64;
     assert_eq!(closed(&gw, "message_too_big"), too_big);
     assert_eq!(closed(&gw, "client"), 1.0);
-    assert_eq!(closed(&gw, "protocol_error"), cases.len() as f64 - too_big - 1.0);
+    assert_eq!(
+        closed(&gw, "protocol_error"),
+        cases.len() as f64 - too_big - 1.0
+    );
     assert_eq!(gw.metric("edgegate_client_messages_in_total", ""), 0.0);
 }
 
 #[tokio::test]
-async fn ping_flood_from_a_client_that_never_reads_is_answered_within_a_bounded_buffer_and_forwards_nothing() {
+async fn ping_flood_from_a_client_that_never_reads_is_answered_within_a_bounded_buffer_and_forwards_nothing(
+) {
     let mut service = EventService::start().await;
     let gw = gateway(&service).await;
     let mut s = raw_websocket(&gw).await;
@@ -783,7 +869,11 @@ async fn framed_attacker_frames_are_refused_from_the_header_and_nothing_is_forwa
         ("length 0", vec![0, 0, 0, 0], 1002),
         ("unknown type", vec![0, 0, 0, 1, 0x7f], 1002),
         ("second Hello", vec![0, 0, 0, 5, 0x01, 0, 0, 0, 0], 1002),
-        ("text with invalid UTF-8", vec![0, 0, 0, 3, 0x03, 0xc3, 0x28], 1007),
+        (
+            "text with invalid UTF-8",
+            vec![0, 0, 0, 3, 0x03, 0xc3, 0x28],
+            1007,
+        ),
         (
             "ping of 126 bytes",
             [&[0u8, 0, 0, 127, 0x05][..], &[0u8; 126]].concat(),
@@ -792,7 +882,9 @@ async fn framed_attacker_frames_are_refused_from_the_header_and_nothing_is_forwa
         ("close with a 1-byte body", vec![0, 0, 0, 2, 0x07, 3], 1002),
     ];
     for (what, bytes, want) in &cases {
-        let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "").await.unwrap();
+        let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "")
+            .await
+            .unwrap();
         assert_eq!(c.recv(WAIT).await.unwrap().kind, WELCOME);
         c.send_raw(bytes).await.unwrap();
         let f = c.recv_data(WAIT).await;
@@ -807,7 +899,9 @@ async fn framed_attacker_frames_are_refused_from_the_header_and_nothing_is_forwa
             .await
             .unwrap()
     };
-    tls.write_all(&[0x7f, 0xff, 0xff, 0xff, 0x01]).await.unwrap();
+    tls.write_all(&[0x7f, 0xff, 0xff, 0xff, 0x01])
+        .await
+        .unwrap();
     let (reply, _) = read_until_closed(&mut tls, WAIT).await;
     assert_eq!(
         &reply[4..7],
@@ -869,7 +963,9 @@ async fn a_flood_of_bad_tokens_costs_no_service_traffic_and_is_counted() {
         .auth("jwt_key_path", format!("\"{}\"", key_path.display()))
         .auth("jwt_audience", "\"edgegate\"");
     let gw = rt.spawn(builder.start()).await.unwrap();
-    service.wait_for(WAIT, |e| matches!(e, Event::LinkUp { .. })).await;
+    service
+        .wait_for(WAIT, |e| matches!(e, Event::LinkUp { .. }))
+        .await;
     let frames_out = gw.metric("edgegate_link_frames_out_total", "");
 
     let now = std::time::SystemTime::now()
@@ -886,7 +982,10 @@ async fn a_flood_of_bad_tokens_costs_no_service_traffic_and_is_counted() {
     let alg_none = format!(
         "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
         base64_url(
-            &serde_json::to_vec(&serde_json::json!({"sub": "mallory", "aud": "edgegate", "exp": now + 600})).unwrap()
+            &serde_json::to_vec(
+                &serde_json::json!({"sub": "mallory", "aud": "edgegate", "exp": now + 600})
+            )
+            .unwrap()
         )
     );
     let tokens = [
@@ -942,7 +1041,10 @@ async fn a_flood_of_bad_tokens_costs_no_service_traffic_and_is_counted() {
     );
     // Only link pings/pongs went out, no client frame.
     let extra = gw.metric("edgegate_link_frames_out_total", "") - frames_out;
-    assert!(extra < 20.0, "{extra} frames went to the service during the flood");
+    assert!(
+        extra < 20.0,
+        "{extra} frames went to the service during the flood"
+    );
     drop(gw);
     rt.shutdown_background();
     let _ = std::fs::remove_dir_all(&key_dir);
@@ -952,7 +1054,11 @@ fn base64_url(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..=chunk.len() {
             out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -965,7 +1071,9 @@ fn base64_url(data: &[u8]) -> String {
 /// It sends nothing, so it holds a slot for the whole handshake timeout.
 async fn tcp_from(gw: &TestGateway, source: &str) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(std::net::SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
     socket.connect(gw.addr).await.unwrap()
 }
 
@@ -1004,7 +1112,9 @@ async fn one_address_cannot_take_every_client_slot() {
     assert_eq!(gw.metric("edgegate_clients_refused_total", ""), 0.0);
     let mut victim = tcp_from(&gw, "127.0.0.3").await;
     let mut b = [0u8; 1];
-    let closed = tokio::time::timeout(Duration::from_millis(300), victim.read(&mut b)).await.is_ok();
+    let closed = tokio::time::timeout(Duration::from_millis(300), victim.read(&mut b))
+        .await
+        .is_ok();
     assert!(!closed, "another address is locked out");
     wait_counts(&gw, 11, "edgegate_clients_refused_per_address_total", 50.0).await;
     drop(held);
@@ -1015,7 +1125,8 @@ async fn one_address_cannot_take_every_client_slot() {
 /// With no per-address limit (the default) one address can hold every slot;
 /// the refusals beyond `max_clients` are cheap (closed at accept) and counted.
 #[tokio::test]
-async fn without_a_per_address_limit_one_address_fills_max_clients_and_the_rest_are_refused_at_accept() {
+async fn without_a_per_address_limit_one_address_fills_max_clients_and_the_rest_are_refused_at_accept(
+) {
     let service = EventService::start().await;
     let gw = GatewayBuilder::new(service.addr)
         .links(1)
@@ -1113,25 +1224,35 @@ mod decoders {
             any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
             (any::<u16>(), s()).prop_map(|(code, reason)| Frame::Goaway { code, reason }),
-            (any::<u64>(), s(), s(), payload()).prop_map(|(client, route, remote_addr, claims)| Frame::ClientOpen {
-                client,
-                route,
-                remote_addr,
-                claims
+            (any::<u64>(), s(), s(), payload()).prop_map(|(client, route, remote_addr, claims)| {
+                Frame::ClientOpen {
+                    client,
+                    route,
+                    remote_addr,
+                    claims,
+                }
             }),
-            (any::<u64>(), kind(), payload()).prop_map(|(client, kind, payload)| Frame::ClientMessage {
-                client,
-                kind,
-                payload
+            (any::<u64>(), kind(), payload()).prop_map(|(client, kind, payload)| {
+                Frame::ClientMessage {
+                    client,
+                    kind,
+                    payload,
+                }
             }),
-            (any::<u64>(), any::<u16>(), s()).prop_map(|(client, code, reason)| Frame::ClientClose {
-                client,
-                code,
-                reason
+            (any::<u64>(), any::<u16>(), s()).prop_map(|(client, code, reason)| {
+                Frame::ClientClose {
+                    client,
+                    code,
+                    reason,
+                }
             }),
             (any::<u64>(), s()).prop_map(|(client, topic)| Frame::Subscribe { client, topic }),
             (any::<u64>(), s()).prop_map(|(client, topic)| Frame::Unsubscribe { client, topic }),
-            (s(), kind(), payload()).prop_map(|(topic, kind, payload)| Frame::Publish { topic, kind, payload }),
+            (s(), kind(), payload()).prop_map(|(topic, kind, payload)| Frame::Publish {
+                topic,
+                kind,
+                payload
+            }),
         ]
     }
 

@@ -138,7 +138,13 @@ static NEXT_TAG: AtomicU32 = AtomicU32::new(1);
 
 /// One connection: sends `tag:seq[:padding]` every `every` until the gateway
 /// closes it, `stop` is set (then closes with 1000), or `max` messages.
-async fn numbered_connection(mut ws: WsClient, every: Duration, pad: usize, max: u64, stop: Arc<AtomicBool>) -> Conn {
+async fn numbered_connection(
+    mut ws: WsClient,
+    every: Duration,
+    pad: usize,
+    max: u64,
+    stop: Arc<AtomicBool>,
+) -> Conn {
     let tag = NEXT_TAG.fetch_add(1, Ordering::Relaxed);
     let padding = "p".repeat(pad);
     let mut conn = Conn {
@@ -213,7 +219,11 @@ fn check_nothing_lost(conns: &[Conn], log: &Log) -> (usize, usize) {
             "connection {}: more delivered than sent",
             c.tag
         );
-        assert!(!c.silent_end, "connection {} ended without a close frame: {c:?}", c.tag);
+        assert!(
+            !c.silent_end,
+            "connection {} ended without a close frame: {c:?}",
+            c.tag
+        );
         if (got.len() as u64) < c.sent {
             assert!(
                 matches!(c.gateway_close, Some(1011..=1013)),
@@ -235,7 +245,8 @@ fn check_nothing_lost(conns: &[Conn], log: &Log) -> (usize, usize) {
 async fn nothing_is_lost_silently_when_the_service_crashes_and_restarts_mid_stream() {
     let log: Log = Arc::default();
     let paused = Arc::new(AtomicBool::new(false));
-    let service = RecordingService::start("127.0.0.1:0".parse().unwrap(), log.clone(), paused.clone()).await;
+    let service =
+        RecordingService::start("127.0.0.1:0".parse().unwrap(), log.clone(), paused.clone()).await;
     let addr = service.addr;
     let gw = Arc::new(GatewayBuilder::new(addr).links(2).start().await);
     let stop = Arc::new(AtomicBool::new(false));
@@ -248,9 +259,16 @@ async fn nothing_is_lost_silently_when_the_service_crashes_and_restarts_mid_stre
             let mut conns = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 match gw.try_connect("/echo", &[]).await {
-                    Ok(ws) => {
-                        conns.push(numbered_connection(ws, Duration::from_millis(3), 0, u64::MAX, stop.clone()).await)
-                    }
+                    Ok(ws) => conns.push(
+                        numbered_connection(
+                            ws,
+                            Duration::from_millis(3),
+                            0,
+                            u64::MAX,
+                            stop.clone(),
+                        )
+                        .await,
+                    ),
                     Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
             }
@@ -290,10 +308,12 @@ async fn nothing_is_lost_silently_when_the_service_crashes_and_restarts_mid_stre
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_too_slow_to_read_pauses_its_clients_then_closes_them_with_1013_and_loses_nothing_silently() {
+async fn a_service_too_slow_to_read_pauses_its_clients_then_closes_them_with_1013_and_loses_nothing_silently(
+) {
     let log: Log = Arc::default();
     let paused = Arc::new(AtomicBool::new(false));
-    let service = RecordingService::start("127.0.0.1:0".parse().unwrap(), log.clone(), paused.clone()).await;
+    let service =
+        RecordingService::start("127.0.0.1:0".parse().unwrap(), log.clone(), paused.clone()).await;
     let gw = Arc::new(
         GatewayBuilder::new(service.addr)
             .links(1)
@@ -331,7 +351,9 @@ async fn a_service_too_slow_to_read_pauses_its_clients_then_closes_them_with_101
     // The service wakes up and reads what the gateway queued.
     paused.store(false, Ordering::Relaxed);
     for _ in 0..300 {
-        if gw.metric("edgegate_link_queue_depth", "") == 0.0 && gw.gateway().shared().connections() == 0 {
+        if gw.metric("edgegate_link_queue_depth", "") == 0.0
+            && gw.gateway().shared().connections() == 0
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -345,7 +367,10 @@ async fn a_service_too_slow_to_read_pauses_its_clients_then_closes_them_with_101
         assert_eq!(c.gateway_close, Some(1013), "{c:?}");
     }
     assert_eq!(
-        gw.metric("edgegate_clients_closed_total", "reason=\"link_backpressure\""),
+        gw.metric(
+            "edgegate_clients_closed_total",
+            "reason=\"link_backpressure\""
+        ),
         5.0
     );
     assert!(depth <= 4096.0);
@@ -447,7 +472,10 @@ impl GatewayProcess {
     }
 
     async fn metric(&self, name: &str, labels: &str) -> f64 {
-        let text = http_get(self.admin, "/metrics").await.expect("metrics").body;
+        let text = http_get(self.admin, "/metrics")
+            .await
+            .expect("metrics")
+            .body;
         metric_value(&text, name, labels)
     }
 
@@ -465,7 +493,10 @@ impl GatewayProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(start.elapsed() < within, "edgegate still running after {within:?}");
+            assert!(
+                start.elapsed() < within,
+                "edgegate still running after {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -497,13 +528,19 @@ async fn out_of_file_descriptors_the_binary_keeps_serving_counts_backs_off_and_r
     let stop = tokio_util::sync::CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let service_addr = listener.local_addr().unwrap();
-    tokio::spawn(edgegate_link::example::run_example_service(listener, stop.clone()));
+    tokio::spawn(edgegate_link::example::run_example_service(
+        listener,
+        stop.clone(),
+    ));
     let gw = GatewayProcess::start(service_addr, Some(64), "").await;
 
     // Fill the descriptors with real clients until one cannot get in.
     let mut clients = Vec::new();
     let exhausted = loop {
-        assert!(clients.len() < 64, "64 clients connected under a 64-descriptor limit");
+        assert!(
+            clients.len() < 64,
+            "64 clients connected under a 64-descriptor limit"
+        );
         match tokio::time::timeout(Duration::from_secs(2), gw.connect()).await {
             Ok(Ok(ws)) => clients.push(ws),
             _ => break clients.len(),
@@ -530,9 +567,14 @@ async fn out_of_file_descriptors_the_binary_keeps_serving_counts_backs_off_and_r
             ),
         }
     };
-    println!("recovered {:?} after descriptors were freed", start.elapsed());
+    println!(
+        "recovered {:?} after descriptors were freed",
+        start.elapsed()
+    );
     assert!(echo(&mut fresh, "back").await);
-    let fds_errors = gw.metric("edgegate_accept_errors_total", "kind=\"fds\"").await;
+    let fds_errors = gw
+        .metric("edgegate_accept_errors_total", "kind=\"fds\"")
+        .await;
     println!("edgegate_accept_errors_total{{kind=\"fds\"}} = {fds_errors}");
     assert!(fds_errors >= 1.0);
     assert!(
@@ -543,13 +585,18 @@ async fn out_of_file_descriptors_the_binary_keeps_serving_counts_backs_off_and_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_and_sigterm_under_load_reload_without_dropping_anyone_then_drain_everyone_with_1001() {
+async fn sighup_and_sigterm_under_load_reload_without_dropping_anyone_then_drain_everyone_with_1001(
+) {
     const CLIENTS: usize = 300;
     let stop = tokio_util::sync::CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let service_addr = listener.local_addr().unwrap();
-    tokio::spawn(edgegate_link::example::run_example_service(listener, stop.clone()));
-    let mut gw = GatewayProcess::start(service_addr, None, "[drain]\ndrain_window_secs = 2\n").await;
+    tokio::spawn(edgegate_link::example::run_example_service(
+        listener,
+        stop.clone(),
+    ));
+    let mut gw =
+        GatewayProcess::start(service_addr, None, "[drain]\ndrain_window_secs = 2\n").await;
 
     // Every client sends a numbered message every 100 ms and checks its echoes in order.
     let mut tasks = Vec::new();
@@ -580,11 +627,16 @@ async fn sighup_and_sigterm_under_load_reload_without_dropping_anyone_then_drain
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     // SIGHUP with a changed file: reloaded, nobody dropped.
-    let text = std::fs::read_to_string(&gw.config_path).unwrap() + "[limits]\nmax_message_bytes = 32768\n";
+    let text =
+        std::fs::read_to_string(&gw.config_path).unwrap() + "[limits]\nmax_message_bytes = 32768\n";
     std::fs::write(&gw.config_path, text).unwrap();
     gw.signal(nix::sys::signal::Signal::SIGHUP);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(gw.metric("edgegate_config_reloads_total", "result=\"ok\"").await, 1.0);
+    assert_eq!(
+        gw.metric("edgegate_config_reloads_total", "result=\"ok\"")
+            .await,
+        1.0
+    );
     assert_eq!(
         gw.metric("edgegate_clients", "").await,
         CLIENTS as f64,
@@ -618,7 +670,10 @@ async fn a_hostile_mix_leaves_no_connection_and_no_memory_behind_in_the_real_bin
     let stop = tokio_util::sync::CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let service_addr = listener.local_addr().unwrap();
-    tokio::spawn(edgegate_link::example::run_example_service(listener, stop.clone()));
+    tokio::spawn(edgegate_link::example::run_example_service(
+        listener,
+        stop.clone(),
+    ));
     let gw = GatewayProcess::start(
         service_addr,
         None,
@@ -634,7 +689,9 @@ async fn a_hostile_mix_leaves_no_connection_and_no_memory_behind_in_the_real_bin
             let (addr, cert) = (gw.addr, gw.cert.clone());
             set.spawn(async move {
                 let mut tcp = TcpStream::connect(addr).await.unwrap();
-                let _ = tcp.write_all(&[0x16, 0x03, 0x01, 0x00, 0x10, 0xff, 0xff]).await;
+                let _ = tcp
+                    .write_all(&[0x16, 0x03, 0x01, 0x00, 0x10, 0xff, 0xff])
+                    .await;
                 let mut b = [0u8; 64];
                 let _ = tokio::time::timeout(WAIT, tcp.read(&mut b)).await;
             });
@@ -643,10 +700,15 @@ async fn a_hostile_mix_leaves_no_connection_and_no_memory_behind_in_the_real_bin
                 let tcp = TcpStream::connect(addr).await.unwrap();
                 let tls = cert2
                     .connector()
-                    .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+                    .connect(
+                        rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                        tcp,
+                    )
                     .await;
                 if let Ok(mut tls) = tls {
-                    let _ = tls.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                    let _ = tls
+                        .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+                        .await;
                     let mut b = [0u8; 256];
                     let _ = tokio::time::timeout(WAIT, tls.read(&mut b)).await;
                 }
@@ -685,8 +747,12 @@ async fn a_hostile_mix_leaves_no_connection_and_no_memory_behind_in_the_real_bin
     let (conns0, alloc0) = settled(&gw).await;
     round(&gw, 150).await;
     let (conns1, alloc1) = settled(&gw).await;
-    let rss = gw.metric("edgegate_process_resident_memory_bytes", "").await;
-    let tls_failures = gw.metric("edgegate_handshake_failures_total", "phase=\"tls\"").await;
+    let rss = gw
+        .metric("edgegate_process_resident_memory_bytes", "")
+        .await;
+    let tls_failures = gw
+        .metric("edgegate_handshake_failures_total", "phase=\"tls\"")
+        .await;
     let upgrade_failures = gw
         .metric("edgegate_handshake_failures_total", "phase=\"upgrade\"")
         .await;

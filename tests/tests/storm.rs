@@ -30,7 +30,10 @@ async fn a_storm_through_few_permits_lets_everyone_in_while_established_clients_
     for i in 0..20 {
         witness.send(Message::text(format!("w{i}"))).await.unwrap();
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), witness.next()).await.unwrap() {
+            match tokio::time::timeout(Duration::from_secs(10), witness.next())
+                .await
+                .unwrap()
+            {
                 Some(Ok(Message::Text(t))) => {
                     assert_eq!(t.as_str(), format!("w{i}"));
                     break;
@@ -52,7 +55,10 @@ async fn a_storm_through_few_permits_lets_everyone_in_while_established_clients_
 #[tokio::test]
 async fn clients_beyond_max_clients_are_refused_at_accept_and_counted() {
     let service = ExampleService::start().await;
-    let gw = GatewayBuilder::new(service.addr).limit("max_clients", 3).start().await;
+    let gw = GatewayBuilder::new(service.addr)
+        .limit("max_clients", 3)
+        .start()
+        .await;
     let _held: Vec<_> = futures_util::future::join_all((0..3).map(|_| gw.connect("/echo"))).await;
     let refused = gw.try_connect("/echo", &[]).await;
     assert!(refused.is_err(), "fourth client refused");
@@ -75,7 +81,9 @@ async fn a_full_accept_queue_shows_in_metrics() {
     for _ in 0..64 {
         // Connect completes in the kernel while the accept queue has room;
         // after that SYNs are dropped: use a short timeout per attempt.
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(100), TcpStream::connect(gw.addr)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(100), TcpStream::connect(gw.addr)).await
+        {
             idle.push(s);
         }
     }

@@ -52,10 +52,16 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Error> {
-    let font = std::fs::read(&args.font).map_err(|e| format!("font {}: {e}", args.font.display()))?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
-        .map_err(|_| format!("font {}: not a TrueType font", args.font.display()))?;
-    let text = std::fs::read_to_string(&args.input).map_err(|e| format!("{}: {e}", args.input.display()))?;
+    let font =
+        std::fs::read(&args.font).map_err(|e| format!("font {}: {e}", args.font.display()))?;
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| format!("font {}: not a TrueType font", args.font.display()))?;
+    let text = std::fs::read_to_string(&args.input)
+        .map_err(|e| format!("{}: {e}", args.input.display()))?;
     let results: Value = serde_json::from_str(&text)?;
     let systems = &results["systems"];
 
@@ -71,7 +77,9 @@ fn run(args: Args) -> Result<(), Error> {
 /// (clients, RSS growth in MiB) points of one system, with (0, 0) first.
 fn memory_points(system: &Value) -> Vec<(f64, f64)> {
     let mut points = vec![(0.0, 0.0)];
-    let base = system["idle_memory"]["base_rss_kib"].as_f64().unwrap_or(0.0);
+    let base = system["idle_memory"]["base_rss_kib"]
+        .as_f64()
+        .unwrap_or(0.0);
     if let Some(steps) = system["idle_memory"]["steps"].as_array() {
         for s in steps {
             if let (Some(c), Some(rss)) = (s["clients"].as_f64(), s["rss_kib"].as_f64()) {
@@ -82,11 +90,17 @@ fn memory_points(system: &Value) -> Vec<(f64, f64)> {
     points
 }
 
-fn memory_chart<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, systems: &Value) -> Result<(), Error>
+fn memory_chart<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    systems: &Value,
+) -> Result<(), Error>
 where
     DB::ErrorType: 'static,
 {
-    let all: Vec<(f64, f64)> = SYSTEMS.iter().flat_map(|(n, _)| memory_points(&systems[*n])).collect();
+    let all: Vec<(f64, f64)> = SYSTEMS
+        .iter()
+        .flat_map(|(n, _)| memory_points(&systems[*n]))
+        .collect();
     let xmax = all.iter().map(|p| p.0).fold(1000.0, f64::max) * 1.05;
     let ymax = all.iter().map(|p| p.1).fold(1.0, f64::max) * 1.15;
     let mut chart = ChartBuilder::on(area)
@@ -118,7 +132,9 @@ where
         chart
             .draw_series(LineSeries::new(points.clone(), colour.stroke_width(3)))?
             .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
+            });
         chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, colour.filled())))?;
     }
     chart
@@ -134,9 +150,17 @@ where
 /// One system's line: name, colour, points.
 type Series = (&'static str, RGBColor, Vec<(f64, f64)>);
 
-const PERCENTILES: [(&str, &str); 4] = [("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms"), ("max", "max_ms")];
+const PERCENTILES: [(&str, &str); 4] = [
+    ("p50", "p50_ms"),
+    ("p99", "p99_ms"),
+    ("p99.9", "p999_ms"),
+    ("max", "max_ms"),
+];
 
-fn latency_chart<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, systems: &Value) -> Result<(), Error>
+fn latency_chart<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    systems: &Value,
+) -> Result<(), Error>
 where
     DB::ErrorType: 'static,
 {
@@ -168,19 +192,29 @@ where
         .margin(20)
         .x_label_area_size(45)
         .y_label_area_size(65)
-        .build_cartesian_2d(-0.3f64..(PERCENTILES.len() as f64 - 0.7), (ymin..ymax).log_scale())?;
+        .build_cartesian_2d(
+            -0.3f64..(PERCENTILES.len() as f64 - 0.7),
+            (ymin..ymax).log_scale(),
+        )?;
     chart
         .configure_mesh()
         .x_labels(PERCENTILES.len())
         .x_label_formatter(&|x| {
             let i = x.round();
             if (x - i).abs() < 0.01 && i >= 0.0 {
-                PERCENTILES.get(i as usize).map_or(String::new(), |p| p.0.to_string())
+                PERCENTILES
+                    .get(i as usize)
+                    .map_or(String::new(), |p| p.0.to_string())
             } else {
                 String::new()
             }
         })
-        .y_label_formatter(&|y| format!("{y:.3}").trim_end_matches('0').trim_end_matches('.').to_string())
+        .y_label_formatter(&|y| {
+            format!("{y:.3}")
+                .trim_end_matches('0')
+                .trim_end_matches('.')
+                .to_string()
+        })
         .x_desc("percentile")
         .y_desc("round trip (ms, log scale)")
         .label_style(("sans-serif", 14))
@@ -190,7 +224,9 @@ where
         chart
             .draw_series(LineSeries::new(points.clone(), colour.stroke_width(3)))?
             .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
+            });
         chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, colour.filled())))?;
     }
     chart

@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use edgegate_tests::load::{
-    histogram_json, insecure_connector, open_clients, parse_sources, Control, Proto, Role, Shared, Target,
+    histogram_json, insecure_connector, open_clients, parse_sources, Control, Proto, Role, Shared,
+    Target,
 };
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
@@ -161,7 +162,15 @@ async fn run(args: Args, sources: Vec<std::net::IpAddr>) {
         Mode::Subscribe if publisher && i == 0 => Role::Publisher,
         _ => Role::Hold,
     };
-    let took = open_clients(args.clients, args.concurrency, target, shared.clone(), &control, role).await;
+    let took = open_clients(
+        args.clients,
+        args.concurrency,
+        target,
+        shared.clone(),
+        &control,
+        role,
+    )
+    .await;
     let c = &shared.counters;
     emit(json!({
         "event": "connected",
@@ -174,7 +183,8 @@ async fn run(args: Args, sources: Vec<std::net::IpAddr>) {
 
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
     let hold = tokio::time::sleep(Duration::from_secs(args.hold_secs));
     tokio::pin!(hold);
     let mut window = Instant::now();
