@@ -228,6 +228,79 @@ mod tests {
     }
 
     #[test]
+    fn es256_token_is_verified_with_the_public_key_only() {
+        let signer = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let auth = Authenticator::new(&AuthConfig {
+            mode: AuthMode::Jwt {
+                algorithm: JwtAlgorithm::Es256,
+                key_path: PathBuf::from("pub.pem"),
+                key: signer.public_key_pem().into_bytes(),
+                audience: "edgegate".into(),
+                issuer: Some("https://auth.example".into()),
+                leeway_secs: 0,
+            },
+            allowed_origins: Vec::new(),
+        })
+        .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({"sub": "bob", "aud": "edgegate", "iss": "https://auth.example", "exp": now + 60});
+        let sign = |key: &rcgen::KeyPair, claims: &serde_json::Value| {
+            encode(
+                &Header::new(jsonwebtoken::Algorithm::ES256),
+                claims,
+                &EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap(),
+            )
+            .unwrap()
+        };
+        let good = sign(&signer, &claims);
+        let v: serde_json::Value =
+            serde_json::from_slice(&auth.verify(Some(&format!("Bearer {good}")), None).unwrap())
+                .unwrap();
+        assert_eq!(v["sub"], "bob");
+        let forged = sign(&other, &claims);
+        assert!(matches!(
+            auth.verify(Some(&format!("Bearer {forged}")), None),
+            Err(AuthError::InvalidToken(_))
+        ));
+        let mut wrong_issuer = claims.clone();
+        wrong_issuer["iss"] = "https://evil.example".into();
+        let t = sign(&signer, &wrong_issuer);
+        assert!(auth.verify(Some(&format!("Bearer {t}")), None).is_err());
+        // An HS256 token cannot pass where ES256 is configured (algorithm confusion).
+        let hs = encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap();
+        assert!(auth.verify(Some(&format!("Bearer {hs}")), None).is_err());
+    }
+
+    #[test]
+    fn not_yet_valid_token_is_rejected() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims =
+            serde_json::json!({"sub": "a", "aud": "edgegate", "exp": now + 600, "nbf": now + 300});
+        let t = encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert!(matches!(
+            hs256().verify(Some(&format!("Bearer {t}")), None),
+            Err(AuthError::InvalidToken(_))
+        ));
+    }
+
+    #[test]
     fn origin_outside_the_allow_list_is_forbidden() {
         let a = hs256();
         assert!(a.check_origin(Some("https://ok.example")).is_ok());
