@@ -128,9 +128,9 @@ impl Shared {
     /// Forgets a connection counted by [`Shared::try_take_connection`].
     pub fn release_connection(&self, ip: std::net::IpAddr) {
         self.connections.fetch_sub(1, Ordering::AcqRel);
-        if self.max_clients_per_address.load(Ordering::Relaxed) > 0 {
-            self.addresses.release(ip);
-        }
+        // Unconditional: a reload may have turned the limit off since this
+        // connection was counted, and its count must not stay behind.
+        self.addresses.release(ip);
     }
 
     /// Connections held, handshaking or in session.
