@@ -495,6 +495,7 @@ where
     };
     let handle = Arc::new(ClientHandle::new(
         id,
+        link.id,
         limits.outbound_queue_messages,
         limits.slow_reader_policy,
     ));

@@ -383,8 +383,9 @@ async fn dispatch(
             kind,
             payload,
         } => {
-            let Some(c) = shared.clients.get(client) else {
-                // The client left; the service will see its close.
+            let Some(c) = shared.clients.get(client).filter(|c| c.link_id == link.id) else {
+                // The client left (the service will see its close), or it is
+                // not this link's: a service addresses only its own clients.
                 return Ok(());
             };
             match to_message(kind, payload) {
@@ -408,19 +409,19 @@ async fn dispatch(
             code,
             reason,
         } => {
-            if let Some(c) = shared.clients.get(client) {
+            if let Some(c) = shared.clients.get(client).filter(|c| c.link_id == link.id) {
                 let code = if valid_close_code(code) { code } else { 1011 };
                 c.outbox
                     .close(CloseReason::Service { code }, code, truncate_reason(reason));
             }
         }
         Frame::Subscribe { client, topic } => {
-            if let Some(c) = shared.clients.get(client) {
+            if let Some(c) = shared.clients.get(client).filter(|c| c.link_id == link.id) {
                 shared.topics.subscribe(&topic, &c, &shared.metrics);
             }
         }
         Frame::Unsubscribe { client, topic } => {
-            if let Some(c) = shared.clients.get(client) {
+            if let Some(c) = shared.clients.get(client).filter(|c| c.link_id == link.id) {
                 shared.topics.unsubscribe(&topic, &c, &shared.metrics);
             }
         }

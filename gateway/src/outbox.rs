@@ -157,15 +157,19 @@ impl Outbox {
 #[derive(Debug)]
 pub struct ClientHandle {
     pub id: ClientId,
+    /// The link this client is bound to: only that link's service may
+    /// address it (one service cannot reach another's clients by id).
+    pub link_id: u64,
     pub outbox: Outbox,
     /// Topics this client is subscribed to, for clean-up when it leaves.
     pub topics: Mutex<Vec<Arc<str>>>,
 }
 
 impl ClientHandle {
-    pub fn new(id: ClientId, capacity: usize, policy: SlowReaderPolicy) -> Self {
+    pub fn new(id: ClientId, link_id: u64, capacity: usize, policy: SlowReaderPolicy) -> Self {
         Self {
             id,
+            link_id,
             outbox: Outbox::new(capacity, policy),
             topics: Mutex::new(Vec::new()),
         }

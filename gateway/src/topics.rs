@@ -191,7 +191,7 @@ mod tests {
     }
 
     fn client(id: ClientId) -> Arc<ClientHandle> {
-        Arc::new(ClientHandle::new(id, 8, SlowReaderPolicy::DropOldest))
+        Arc::new(ClientHandle::new(id, 0, 8, SlowReaderPolicy::DropOldest))
     }
 
     #[tokio::test]

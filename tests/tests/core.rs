@@ -449,3 +449,47 @@ async fn drain_closes_every_client_with_1001_and_tells_the_service() {
         "every client's close reached the service before the link closed"
     );
 }
+
+#[tokio::test]
+async fn a_link_can_only_address_the_clients_bound_to_it() {
+    let mut service = EventService::start().await;
+    let gw = GatewayBuilder::new(service.addr).links(2).start().await;
+    let mut links = Vec::new();
+    while links.len() < 2 {
+        if let Event::LinkUp { link, .. } = service.next_event(WAIT).await {
+            links.push(link);
+        }
+    }
+    let mut ws = gw.connect("/echo").await;
+    let (own, client) = match service
+        .wait_for(WAIT, |e| matches!(e, Event::Open { .. }))
+        .await
+    {
+        Event::Open { link, client, .. } => (link, client),
+        _ => unreachable!(),
+    };
+    let other = *links.iter().find(|l| **l != own).unwrap();
+    // The other link's close and message for this client are ignored.
+    let close = |code| Frame::ClientClose {
+        client,
+        code,
+        reason: "x".into(),
+    };
+    service.service.send(other, close(4001)).await.unwrap();
+    let msg = Frame::ClientMessage {
+        client,
+        kind: Kind::Text,
+        payload: Bytes::from_static(b"not yours"),
+    };
+    service.service.send(other, msg).await.unwrap();
+    // Its own link's message arrives, and nothing before it.
+    let msg = Frame::ClientMessage {
+        client,
+        kind: Kind::Text,
+        payload: Bytes::from_static(b"yours"),
+    };
+    service.service.send(own, msg).await.unwrap();
+    assert_eq!(recv(&mut ws).await, Message::text("yours"));
+    service.service.send(own, close(4002)).await.unwrap();
+    assert_eq!(close_code(&mut ws, WAIT).await, Some(4002));
+}
