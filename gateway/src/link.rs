@@ -41,6 +41,7 @@ use tracing::{debug, info, warn};
 use crate::client::CloseReason;
 use crate::config::ServiceConfig;
 use crate::gateway::Shared;
+use crate::outbox::ClientHandle;
 
 /// Largest frame a service may send: a client message plus framing.
 pub const MAX_LINK_FRAME_BYTES: usize = 64 * 1024 * 1024 + 1024;
@@ -383,7 +384,7 @@ async fn dispatch(
             kind,
             payload,
         } => {
-            let Some(c) = shared.clients.get(client).filter(|c| c.link_id == link.id) else {
+            let Some(c) = own_client(link, shared, client) else {
                 // The client left (the service will see its close), or it is
                 // not this link's: a service addresses only its own clients.
                 return Ok(());
@@ -409,19 +410,19 @@ async fn dispatch(
             code,
             reason,
         } => {
-            if let Some(c) = shared.clients.get(client).filter(|c| c.link_id == link.id) {
+            if let Some(c) = own_client(link, shared, client) {
                 let code = if valid_close_code(code) { code } else { 1011 };
                 c.outbox
                     .close(CloseReason::Service { code }, code, truncate_reason(reason));
             }
         }
         Frame::Subscribe { client, topic } => {
-            if let Some(c) = shared.clients.get(client).filter(|c| c.link_id == link.id) {
+            if let Some(c) = own_client(link, shared, client) {
                 shared.topics.subscribe(&topic, &c, &shared.metrics);
             }
         }
         Frame::Unsubscribe { client, topic } => {
-            if let Some(c) = shared.clients.get(client).filter(|c| c.link_id == link.id) {
+            if let Some(c) = own_client(link, shared, client) {
                 shared.topics.unsubscribe(&topic, &c, &shared.metrics);
             }
         }
@@ -453,6 +454,12 @@ async fn dispatch(
         }
     }
     Ok(())
+}
+
+/// The client `client` if it was opened on `link`: a service addresses only
+/// its own clients, never another link's (or another service's).
+fn own_client(link: &LinkHandle, shared: &Shared, client: ClientId) -> Option<Arc<ClientHandle>> {
+    shared.clients.get(client).filter(|c| c.link_id == link.id)
 }
 
 /// The WebSocket message for a link payload: encoded once, shared by every

@@ -39,30 +39,3 @@ pub fn raise_nofile_limit() -> io::Result<NofileLimit> {
 /// Descriptors the gateway needs besides one per client: links, listeners,
 /// the admin endpoint, the runtime's own (epoll, eventfds), logs.
 pub const RESERVED_FDS: u64 = 256;
-
-/// A line for the log when the limits cannot carry `max_clients`, else `None`.
-pub fn nofile_warning(limit: NofileLimit, max_clients: usize, links: usize) -> Option<String> {
-    let needed = max_clients as u64 + links as u64 + RESERVED_FDS;
-    (limit.soft < needed).then(|| {
-        format!(
-            "RLIMIT_NOFILE is {} but max_clients = {max_clients} needs {needed}: clients beyond ~{} will be refused with EMFILE; raise LimitNOFILE (and fs.nr_open) or lower limits.max_clients",
-            limit.soft,
-            limit.soft.saturating_sub(links as u64 + RESERVED_FDS)
-        )
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn warns_when_descriptors_cannot_carry_max_clients() {
-        let l = NofileLimit {
-            soft: 20_000,
-            hard: 20_000,
-        };
-        assert!(nofile_warning(l, 100_000, 4).is_some());
-        assert!(nofile_warning(l, 10_000, 4).is_none());
-    }
-}

@@ -448,6 +448,27 @@ pub async fn ws_connect(
     Ok(ws)
 }
 
+/// The close code `ws` receives next, skipping data; `None` when the stream
+/// ends without a close frame.
+///
+/// # Panics
+/// When nothing closes the client within `within`.
+pub async fn close_code(ws: &mut WsClient, within: Duration) -> Option<u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no close within {within:?}"))
+        {
+            None | Some(Err(_)) => return None,
+            Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
 /// The HTTP status of a refused upgrade.
 pub fn refused_status(e: &tokio_tungstenite::tungstenite::Error) -> Option<u16> {
     match e {

@@ -151,15 +151,7 @@ pub enum Proto {
 pub const FRAMED_ALPN: &[u8] = b"edgegate/1";
 
 /// Frame types of the framed protocol (`docs/framed-protocol.md`).
-mod frame {
-    pub const HELLO: u8 = 0x01;
-    pub const WELCOME: u8 = 0x02;
-    pub const TEXT: u8 = 0x03;
-    pub const BINARY: u8 = 0x04;
-    pub const PING: u8 = 0x05;
-    pub const PONG: u8 = 0x06;
-    pub const CLOSE: u8 = 0x07;
-}
+use crate::framed as frame;
 
 impl std::str::FromStr for Proto {
     type Err = String;

@@ -5,25 +5,11 @@
 use std::time::Duration;
 
 use edgegate_link::proto::{Frame, FrameCodec, PROTOCOL_VERSION};
-use edgegate_tests::{EventService, GatewayBuilder, WsClient};
+use edgegate_tests::{close_code, EventService, GatewayBuilder};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::codec::Framed;
-
-async fn close_code(ws: &mut WsClient, within: Duration) -> Option<u16> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("close in time")
-        {
-            None | Some(Err(_)) => return None,
-            Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => {}
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_stops_reading_pauses_its_clients_then_closes_them_with_1013() {

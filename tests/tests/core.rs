@@ -6,7 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use edgegate_link::proto::{Frame, Kind};
 use edgegate_link::service::Event;
-use edgegate_tests::{refused_status, EventService, ExampleService, GatewayBuilder, WsClient};
+use edgegate_tests::{
+    close_code, refused_status, EventService, ExampleService, GatewayBuilder, WsClient,
+};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -22,20 +24,6 @@ async fn recv(ws: &mut WsClient) -> Message {
             .expect("no error");
         if !matches!(m, Message::Ping(_) | Message::Pong(_)) {
             return m;
-        }
-    }
-}
-
-/// The close code the client receives next, skipping data.
-async fn close_code(ws: &mut WsClient, within: Duration) -> Option<u16> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left, ws.next()).await {
-            Err(_) => panic!("no close within {within:?}"),
-            Ok(None) | Ok(Some(Err(_))) => return None,
-            Ok(Some(Ok(Message::Close(f)))) => return f.map(|f| u16::from(f.code)),
-            Ok(Some(Ok(_))) => {}
         }
     }
 }
