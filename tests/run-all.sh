@@ -45,6 +45,8 @@ suite() {
     fi
 }
 
+# The guards (fmt, clippy) run in every mode, before the tests.
+suite lint bash tests/tools/lint.sh
 suite rust cargo test --workspace --locked
 suite bench-smoke bash tests/bench/smoke.sh
 if [ "$ONLY" = all ]; then

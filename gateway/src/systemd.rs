@@ -11,7 +11,7 @@ use tracing::debug;
 
 use crate::gateway::Shared;
 
-fn send(states: &[NotifyState]) {
+fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         debug!(error = %e, "sd_notify failed");
     }

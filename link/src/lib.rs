@@ -35,6 +35,11 @@
 //! 3. `ClientClose` from either side ends it; a dropped link ends every
 //!    client on it.
 
+// Stricter than the workspace policy: this crate is the protocol other
+// services build on, so it has no unsafe at all and documents every item.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod example;
 pub mod proto;
 pub mod service;

@@ -339,6 +339,7 @@ fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket descriptor, a c_int option value and its size.
+    #[allow(unsafe_code)]
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),

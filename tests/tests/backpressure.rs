@@ -34,9 +34,8 @@ async fn a_service_that_stops_reading_pauses_its_clients_then_closes_them_with_1
         }
         ws
     };
-    let mut ws = match tokio::time::timeout(Duration::from_secs(20), writer).await {
-        Ok(ws) => ws,
-        Err(_) => panic!("client writes never stopped: the gateway kept reading"),
+    let Ok(mut ws) = tokio::time::timeout(Duration::from_secs(20), writer).await else {
+        panic!("client writes never stopped: the gateway kept reading")
     };
     assert_eq!(
         close_code(&mut ws, Duration::from_secs(10)).await,

@@ -233,12 +233,11 @@ async fn client_answering_pings_outlives_the_heartbeat_timeout() {
 
 /// A service that sends `n` messages of `size` bytes to the first client that opens.
 async fn flood_first_client(service: &mut EventService, n: usize, size: usize) {
-    let (link, client) = match service
+    let Event::Open { link, client, .. } = service
         .wait_for(WAIT, |e| matches!(e, Event::Open { .. }))
         .await
-    {
-        Event::Open { link, client, .. } => (link, client),
-        _ => unreachable!(),
+    else {
+        unreachable!()
     };
     let payload = Bytes::from(vec![b'x'; size]);
     for _ in 0..n {
@@ -381,12 +380,11 @@ async fn service_close_reaches_the_client_with_its_code() {
     let mut service = EventService::start().await;
     let gw = GatewayBuilder::new(service.addr).links(1).start().await;
     let mut ws = gw.connect("/echo").await;
-    let (link, client) = match service
+    let Event::Open { link, client, .. } = service
         .wait_for(WAIT, |e| matches!(e, Event::Open { .. }))
         .await
-    {
-        Event::Open { link, client, .. } => (link, client),
-        _ => unreachable!(),
+    else {
+        unreachable!()
     };
     service
         .service
@@ -449,12 +447,13 @@ async fn a_link_can_only_address_the_clients_bound_to_it() {
         }
     }
     let mut ws = gw.connect("/echo").await;
-    let (own, client) = match service
+    let Event::Open {
+        link: own, client, ..
+    } = service
         .wait_for(WAIT, |e| matches!(e, Event::Open { .. }))
         .await
-    {
-        Event::Open { link, client, .. } => (link, client),
-        _ => unreachable!(),
+    else {
+        unreachable!()
     };
     let other = *links.iter().find(|l| **l != own).unwrap();
     // The other link's close and message for this client are ignored.

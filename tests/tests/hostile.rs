@@ -85,7 +85,7 @@ async fn read_until_closed<S: AsyncReadExt + Unpin>(
         let left = within.saturating_sub(start.elapsed());
         match tokio::time::timeout(left, s.read(&mut buf)).await {
             Err(_) => panic!("peer still open after {within:?}"),
-            Ok(Ok(0)) | Ok(Err(_)) => return (got, start.elapsed()),
+            Ok(Ok(0) | Err(_)) => return (got, start.elapsed()),
             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
         }
     }

@@ -107,7 +107,7 @@ fn frames_split_at_every_byte_decode_once_complete() {
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::new();
     let mut decoded = Vec::new();
-    for byte in stream.iter() {
+    for byte in &stream {
         buf.put_u8(*byte);
         while let Some(frame) = codec.decode(&mut buf).expect("valid stream") {
             decoded.push(frame);
