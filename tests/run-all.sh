@@ -45,7 +45,7 @@ suite() {
     fi
 }
 
-# The guards (fmt, clippy) run in every mode, before the tests.
+# The guards (fmt, clippy, import graph) run in every mode, before the tests.
 suite lint bash tests/tools/lint.sh
 suite rust cargo test --workspace --locked
 suite bench-smoke bash tests/bench/smoke.sh

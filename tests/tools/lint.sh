@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The guards: formatting and clippy with warnings as errors. Each check is one pass or one fail;
+# The guards: formatting, clippy with warnings as errors, and the import-graph
+# ratchet of gateway/src and link/src (import_graph.toml). Each check is one pass or one fail;
 # ends with "N passed, M failed" and exits non-zero if anything failed.
 #
 #   bash tests/tools/lint.sh
@@ -43,6 +44,8 @@ components() {
 check components components
 check fmt cargo fmt --all --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+check import-graph-unit python3 -B -m unittest discover -s tests/tools
+check import-graph python3 -B tests/tools/import_graph.py
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
