@@ -2,6 +2,10 @@
 //! receives close 1001 within the drain window, the closes are spread over
 //! the window, and the process exits 0.
 
+// The shared minimal gateway config (also `edgegate_tests::fixture`).
+#[path = "../../tests/src/fixture.rs"]
+mod fixture;
+
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -92,30 +96,13 @@ impl Running {
             stop.clone(),
         ));
         let port = free_port();
-        let config = format!(
-            r#"
-[admin]
-bind = "127.0.0.1:0"
-[[listener]]
-name = "public"
-bind = "127.0.0.1:{port}"
-tls_cert_path = "{dir}/cert.pem"
-tls_key_path = "{dir}/key.pem"
-[[route]]
-listener = "public"
-path = "/echo"
-service = "example"
-[[service]]
-name = "example"
-addresses = ["{service_addr}"]
-links = 2
-[limits]
-max_clients = 5000
-[drain]
-drain_window_secs = {drain_window_secs}
-"#,
-            dir = dir.display()
+        let mut config =
+            fixture::MinimalGateway::new(dir.join("cert.pem"), dir.join("key.pem"), service_addr);
+        config.bind = format!("127.0.0.1:{port}");
+        config.after = format!(
+            "[limits]\nmax_clients = 5000\n[drain]\ndrain_window_secs = {drain_window_secs}\n"
         );
+        let config = config.toml();
         let config_path = dir.join("edgegate.toml");
         std::fs::write(&config_path, config).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))

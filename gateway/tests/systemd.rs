@@ -5,6 +5,10 @@
 //! SIGHUP, STOPPING on SIGTERM, exit 0) and that SIGHUP swaps certificates
 //! for new clients without dropping the connected ones.
 
+// The shared minimal gateway config (also `edgegate_tests::fixture`).
+#[path = "../../tests/src/fixture.rs"]
+mod fixture;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -46,41 +50,16 @@ fn write_cert(dir: &Path) -> String {
 }
 
 fn config_text(dir: &Path, service: std::net::SocketAddr, max_clients: usize) -> String {
-    format!(
-        r#"
-[runtime]
-worker_threads = 1
-
-[admin]
-bind = "127.0.0.1:0"
-
-[[listener]]
-name = "public"
-bind = "127.0.0.1:0"
-backlog = 128
-tls_cert_path = "{d}/cert.pem"
-tls_key_path = "{d}/key.pem"
-
-[[route]]
-listener = "public"
-path = "/echo"
-service = "example"
-
-[[service]]
-name = "example"
-addresses = ["{service}"]
-links = 1
-reconnect_min_ms = 20
-reconnect_max_ms = 200
-
-[limits]
-max_clients = {max_clients}
-
-[drain]
-drain_window_secs = 1
-"#,
-        d = dir.display()
-    )
+    let mut g = fixture::MinimalGateway::new(dir.join("cert.pem"), dir.join("key.pem"), service);
+    g.before = "[runtime]\nworker_threads = 1\n".into();
+    g.listener_keys = vec!["backlog = 128".into()];
+    g.links = 1;
+    g.service_keys = vec![
+        "reconnect_min_ms = 20".into(),
+        "reconnect_max_ms = 200".into(),
+    ];
+    g.after = format!("[limits]\nmax_clients = {max_clients}\n\n[drain]\ndrain_window_secs = 1\n");
+    g.toml()
 }
 
 /// The example service on 127.0.0.1:0, stopped on drop.

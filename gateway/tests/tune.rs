@@ -2,6 +2,10 @@
 //! when the host carries the config, 78 when the config itself is wrong.
 //! The host values compared against are read from this machine in the test.
 
+// The shared minimal gateway config (also `edgegate_tests::fixture`).
+#[path = "../../tests/src/fixture.rs"]
+mod fixture;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -13,14 +17,11 @@ fn config(tag: &str, max_clients: u64, backlog: u64) -> PathBuf {
     let (cert, key) = edgegate::tls::self_signed().unwrap();
     std::fs::write(dir.join("cert.pem"), cert).unwrap();
     std::fs::write(dir.join("key.pem"), key).unwrap();
-    let text = format!(
-        "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"public\"\nbind = \"127.0.0.1:0\"\nbacklog = {backlog}\n\
-         tls_cert_path = \"{d}/cert.pem\"\ntls_key_path = \"{d}/key.pem\"\n\n\
-         [[route]]\nlistener = \"public\"\npath = \"/echo\"\nservice = \"example\"\n\n\
-         [[service]]\nname = \"example\"\naddresses = [\"127.0.0.1:7000\"]\nlinks = 2\n\n\
-         [limits]\nmax_clients = {max_clients}\n",
-        d = dir.display()
-    );
+    let mut g =
+        fixture::MinimalGateway::new(dir.join("cert.pem"), dir.join("key.pem"), "127.0.0.1:7000");
+    g.listener_keys = vec![format!("backlog = {backlog}")];
+    g.after = format!("[limits]\nmax_clients = {max_clients}\n");
+    let text = g.toml();
     let path = dir.join("edgegate.toml");
     std::fs::write(&path, text).unwrap();
     path

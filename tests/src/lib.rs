@@ -6,7 +6,10 @@
 //!   `edgegate run`), starts the gateway in-process, shuts it down on drop.
 //! - [`ws_connect`]: a TLS WebSocket client that trusts the test certificate.
 //! - [`EventService`]: a link-protocol service whose events a test reads.
+//! - [`fixture::MinimalGateway`]: the one minimal gateway config the tests
+//!   start from (also read by the gateway crate's own integration tests).
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use tokio_tungstenite::tungstenite::http::Response;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
+pub mod fixture;
 pub mod framed;
 pub mod load;
 
@@ -271,45 +275,48 @@ impl GatewayBuilder {
         self
     }
 
-    /// The config text this builder produces, with `cert`.
+    /// The config text this builder produces, with `cert`: the shared
+    /// [`fixture::MinimalGateway`] with this builder's keys.
     pub fn toml(&self, cert: &TestCert) -> String {
-        let mut t = format!(
-            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\nprotocol = \"{}\"\nbacklog = {}\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\n\n",
-            self.protocol,
-            self.backlog,
-            cert.cert_path.display(),
-            cert.key_path.display()
-        );
-        for r in &self.routes {
-            t += &format!("[[route]]\nlistener = \"test\"\npath = \"{r}\"\nservice = \"svc\"\n\n");
-        }
-        t += &format!(
-            "[[service]]\nname = \"svc\"\naddresses = [\"{}\"]\nlinks = {}\nping_interval_secs = 1\nping_timeout_secs = 3\nreconnect_min_ms = 20\nreconnect_max_ms = 200\n\n",
-            self.service_addr, self.links
-        );
-        // Later keys override: strip the defaults they replace.
-        for (k, v) in &self.service_keys {
-            let prefix = format!("{k} = ");
-            t = t
-                .lines()
-                .filter(|l| !l.starts_with(&prefix))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            t = t.trim_end().to_string() + &format!("\n{k} = {v}\n\n");
-        }
+        let mut g =
+            fixture::MinimalGateway::new(&cert.cert_path, &cert.key_path, self.service_addr);
+        g.listener = "test".into();
+        g.service = "svc".into();
+        g.routes.clone_from(&self.routes);
+        g.links = self.links;
+        g.listener_keys = vec![
+            format!("protocol = \"{}\"", self.protocol),
+            format!("backlog = {}", self.backlog),
+        ];
+        g.service_keys = [
+            "ping_interval_secs = 1",
+            "ping_timeout_secs = 3",
+            "reconnect_min_ms = 20",
+            "reconnect_max_ms = 200",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain(self.service_keys.iter().map(|(k, v)| format!("{k} = {v}")))
+        .collect();
+        let mut after = String::new();
         for (section, kv) in [
             ("limits", &self.limits),
             ("heartbeat", &self.heartbeat),
             ("auth", &self.auth),
         ] {
-            t += &format!("[{section}]\n");
+            let _ = writeln!(after, "[{section}]");
             for (k, v) in kv {
-                t += &format!("{k} = {v}\n");
+                let _ = writeln!(after, "{k} = {v}");
             }
-            t += "\n";
+            after.push('\n');
         }
-        t += &format!("[drain]\ndrain_window_secs = {}\n", self.drain_window_secs);
-        t
+        let _ = writeln!(
+            after,
+            "[drain]\ndrain_window_secs = {}",
+            self.drain_window_secs
+        );
+        g.after = after;
+        g.toml()
     }
 
     /// Starts the gateway and waits until every link is up.

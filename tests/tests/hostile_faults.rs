@@ -8,17 +8,19 @@
 //! The in-process tests use [`RecordingService`], a link-protocol service
 //! written here on the raw codec so the test can crash it (sockets dropped,
 //! no Goaway) or stop it reading. The process tests run the real
-//! `edgegate` binary (built on demand into this workspace's target dir).
+//! `edgegate` binary (`edgegate-process`, built by cargo from the gateway's
+//! `main.rs` before the tests run).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgegate_link::proto::{Frame, FrameCodec, PROTOCOL_VERSION};
+use edgegate_tests::fixture::MinimalGateway;
 use edgegate_tests::{http_get, metric_value, GatewayBuilder, TestCert, WsClient};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -381,23 +383,10 @@ async fn a_service_too_slow_to_read_pauses_its_clients_then_closes_them_with_101
 // The real binary
 // ---------------------------------------------------------------------------
 
-/// `target/<profile>/edgegate`, built (or brought up to date) once per run.
+/// The gateway binary: `edgegate-process`, this crate's build of the
+/// gateway's own `main.rs`, which cargo builds before the tests run.
 fn edgegate_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // target/<profile>/deps/hostile_faults-<hash>
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "edgegate", "--bin", "edgegate"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build -p edgegate failed");
-        profile_dir.join("edgegate")
-    })
-    .clone()
+    PathBuf::from(env!("CARGO_BIN_EXE_edgegate-process"))
 }
 
 fn free_port() -> u16 {
@@ -425,11 +414,11 @@ impl GatewayProcess {
         let dir = edgegate_tests::temp_dir("hostile-proc");
         let cert = TestCert::generate(&dir);
         let (port, admin_port) = (free_port(), free_port());
-        let config = format!(
-            "[admin]\nbind = \"127.0.0.1:{admin_port}\"\n\n[[listener]]\nname = \"public\"\nbind = \"127.0.0.1:{port}\"\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\n\n[[route]]\nlistener = \"public\"\npath = \"/echo\"\nservice = \"example\"\n\n[[service]]\nname = \"example\"\naddresses = [\"{service}\"]\nlinks = 2\n\n{extra}\n",
-            cert.cert_path.display(),
-            cert.key_path.display()
-        );
+        let mut config = MinimalGateway::new(&cert.cert_path, &cert.key_path, service);
+        config.admin = format!("127.0.0.1:{admin_port}");
+        config.bind = format!("127.0.0.1:{port}");
+        config.after = extra.to_string();
+        let config = config.toml();
         let config_path = dir.join("edgegate.toml");
         std::fs::write(&config_path, config).unwrap();
         let bin = edgegate_binary();
