@@ -1,9 +1,10 @@
 //! TLS: certificate loading (errors, never panics) and the listener's
 //! reloadable acceptor.
 //!
-//! TLS 1.2 and 1.3 only (rustls has nothing older), ALPN `http/1.1`, the ring
-//! provider's default cipher suites (all AEAD, forward secret). A SIGHUP swaps
-//! in a freshly loaded [`TlsAcceptor`]; clients already connected keep theirs.
+//! TLS 1.2 and 1.3 only (rustls has nothing older), ALPN by the listener's
+//! protocol ([`alpn`]), the ring provider's default cipher suites (all AEAD,
+//! forward secret). A SIGHUP swaps in a freshly loaded server config; clients
+//! already connected keep theirs.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -11,7 +12,6 @@ use std::sync::{Arc, RwLock};
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::Protocol;
 
@@ -74,8 +74,8 @@ pub fn alpn(protocol: Protocol) -> Vec<Vec<u8>> {
     }
 }
 
-/// Builds the rustls server config from parsed DER (used by the demo's
-/// generated certificate).
+/// Builds the rustls server config from parsed DER (what [`server_config`]
+/// builds on; it sets the listener's ALPN).
 ///
 /// # Errors
 /// When the key does not match the certificate or is of an unsupported type.
@@ -116,11 +116,6 @@ impl ReloadableAcceptor {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// An acceptor with the current config.
-    pub fn get(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.config())
     }
 
     /// Replaces the config for clients that arrive from now on.

@@ -420,7 +420,7 @@ async fn slowloris_dripping_a_client_hello_is_cut_at_the_handshake_timeout_while
 }
 
 /// Connections that send nothing give their handshake permit back after
-/// `FIRST_BYTES_WAIT`, so they cannot keep new clients out for a whole
+/// `CLIENT_HELLO_WAIT`, so they cannot keep new clients out for a whole
 /// handshake timeout.
 #[tokio::test]
 async fn idle_connections_holding_every_handshake_permit_do_not_lock_out_new_clients() {
