@@ -2,6 +2,8 @@
 # CI smoke of the benchmark machinery: builds the debug binaries it needs, runs
 # a few hundred idle clients and a few seconds of echo against a real gateway,
 # and ends with the line `N passed, M failed`. Never judges the numbers.
+# First the unit tests of the benchmark's parsing and report pieces
+# (tests/bench/test_bench.py), with their own `N passed, M failed` line.
 #
 # Usage: tests/bench/smoke.sh   (from anywhere)
 set -uo pipefail
@@ -13,4 +15,17 @@ if ! cargo build -q -p edgegate -p edgegate-tests -p edgegate-link \
     echo "0 passed, 1 failed"
     exit 1
 fi
-exec python3 tests/bench/smoke.py --profile debug "$@"
+units_ok=0
+python3 -B - <<'PY' || units_ok=1
+import sys, unittest
+sys.path.insert(0, "tests/bench")
+suite = unittest.defaultTestLoader.discover("tests/bench", pattern="test_*.py")
+r = unittest.TextTestRunner(stream=sys.stdout, verbosity=1).run(suite)
+bad = len(r.failures) + len(r.errors)
+print(f"bench unit tests: {r.testsRun - bad} passed, {bad} failed")
+sys.exit(1 if bad else 0)
+PY
+python3 tests/bench/smoke.py --profile debug "$@"
+rc=$?
+[ "$units_ok" -eq 0 ] && exit "$rc"
+exit 1
