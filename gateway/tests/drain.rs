@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -71,9 +72,38 @@ async fn client(
 }
 
 /// The real binary, started with the example service behind it.
+/// The admin endpoint's answer to `GET path`: its status code, or `None`
+/// while it does not answer.
+async fn admin_status(admin: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(admin).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: edgegate\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut reply))
+        .await
+        .ok()?
+        .ok()?;
+    let reply = String::from_utf8_lossy(&reply);
+    reply.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Polls `GET path` on the admin endpoint until it answers `status`, for at
+/// most `within`; returns whether it did.
+async fn wait_admin(admin: SocketAddr, path: &str, status: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if admin_status(admin, path).await == Some(status) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 struct Running {
     child: std::process::Child,
     addr: SocketAddr,
+    admin: SocketAddr,
     cert: String,
     dir: std::path::PathBuf,
     stop: tokio_util::sync::CancellationToken,
@@ -95,10 +125,11 @@ impl Running {
             service,
             stop.clone(),
         ));
-        let port = free_port();
+        let (port, admin_port) = (free_port(), free_port());
         let mut config =
             fixture::MinimalGateway::new(dir.join("cert.pem"), dir.join("key.pem"), service_addr);
         config.bind = format!("127.0.0.1:{port}");
+        config.admin = format!("127.0.0.1:{admin_port}");
         config.after = format!(
             "[limits]\nmax_clients = 5000\n[drain]\ndrain_window_secs = {drain_window_secs}\n"
         );
@@ -112,17 +143,16 @@ impl Running {
             .spawn()
             .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        for _ in 0..300 {
-            if TcpStream::connect(addr).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Links must be up before clients arrive, or they get 1013.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        // Ready means listening with the links up; before that clients get 1013.
+        assert!(
+            wait_admin(admin, "/readyz", 200, Duration::from_secs(10)).await,
+            "edgegate did not become ready"
+        );
         Self {
             child,
             addr,
+            admin,
             cert,
             dir,
             stop,
@@ -213,7 +243,8 @@ async fn a_second_sigterm_during_a_long_drain_exits_at_once() {
     let gw = Running::start("twice", 60).await;
     let _client = client(gw.addr, connector(&gw.cert)).await;
     gw.signal(nix::sys::signal::Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first SIGTERM has started the drain once readiness says so.
+    assert!(wait_admin(gw.admin, "/readyz", 503, Duration::from_secs(5)).await);
     let second = Instant::now();
     gw.signal(nix::sys::signal::Signal::SIGTERM);
     let status = gw.exit_status().await;

@@ -342,6 +342,25 @@ impl GatewayBuilder {
     }
 }
 
+/// How often [`eventually`] looks again.
+const POLL_EVERY: Duration = Duration::from_millis(10);
+
+/// Waits until `cond` holds, looking every 10 ms, for at most `within`;
+/// returns whether it held. For what a real socket, link or process makes
+/// true, which paused time cannot drive: the test asserts on the state after.
+pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
 /// A running in-process gateway; shut down (fast) on drop.
 pub struct TestGateway {
     gateway: Option<Gateway>,
@@ -358,11 +377,12 @@ impl TestGateway {
 
     /// Waits until `n` links to the test service are up.
     pub async fn wait_links(&self, n: usize) {
-        for _ in 0..500 {
-            if self.gateway().links_up("svc") >= n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if eventually(Duration::from_secs(5), || {
+            self.gateway().links_up("svc") >= n
+        })
+        .await
+        {
+            return;
         }
         panic!(
             "links did not come up: {} of {n}",

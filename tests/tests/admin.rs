@@ -132,11 +132,23 @@ async fn metrics_are_scraped_over_http_and_move_under_load() {
         echo(&mut ws, &format!("hello {i}")).await;
         clients.push(ws);
     }
-    // Let the probe run a few times (every 100 ms) and the sampler once (every 1 s).
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let during = scrape(admin).await;
-
     let v = |text: &str, name: &str, labels: &str| metric_value(text, name, labels);
+    // Scrape until the probe has run (every 100 ms) and the sampler (every 1 s)
+    // has seen the clients' tasks.
+    let sampled = |t: &str| {
+        v(t, "edgegate_runtime_poll_delay_seconds_count", "") > 0.0
+            && v(t, "edgegate_runtime_alive_tasks", "") >= 5.0
+            && v(t, "edgegate_runtime_worker_busy_seconds_total", "") > 0.0
+    };
+    let mut during = scrape(admin).await;
+    for _ in 0..250 {
+        if sampled(&during) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        during = scrape(admin).await;
+    }
+
     assert_eq!(
         v(&during, "edgegate_clients", "protocol=\"websocket\""),
         5.0

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use edgegate_link::proto::{Frame, Kind};
 use edgegate_link::service::Event;
 use edgegate_tests::{
-    close_code, refused_status, EventService, ExampleService, GatewayBuilder, WsClient,
+    close_code, eventually, refused_status, EventService, ExampleService, GatewayBuilder, WsClient,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -51,12 +51,10 @@ async fn chat_publish_reaches_all_room_members_and_nobody_else() {
     }
     let mut outsider = gw.connect("/echo").await;
     // Subscriptions travel on the link after the open; wait until all three are in.
-    for _ in 0..200 {
-        if gw.gateway().shared().topics.subscriber_count("room") == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(Duration::from_secs(2), || {
+        gw.gateway().shared().topics.subscriber_count("room") == 3
+    })
+    .await;
     assert_eq!(gw.gateway().shared().topics.subscriber_count("room"), 3);
     members[0].send(Message::text("hi room")).await.unwrap();
     for m in &mut members {
@@ -179,7 +177,13 @@ async fn oversized_message_is_closed_with_1009() {
     let mut ws = gw.connect("/echo").await;
     ws.send(Message::binary(vec![0u8; 4096])).await.unwrap();
     assert_eq!(close_code(&mut ws, WAIT).await, Some(1009));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(WAIT, || {
+        gw.metric(
+            "edgegate_clients_closed_total",
+            "reason=\"message_too_big\"",
+        ) >= 1.0
+    })
+    .await;
     assert_eq!(
         gw.metric(
             "edgegate_clients_closed_total",
@@ -198,8 +202,15 @@ async fn silent_client_is_closed_after_the_heartbeat_timeout() {
         .start()
         .await;
     let mut ws = gw.connect("/echo").await;
-    // Not polling the client means its pongs are never sent: it is silent.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Not polling the client means its pongs are never sent: it is silent
+    // until the gateway has closed it.
+    eventually(WAIT, || {
+        gw.metric(
+            "edgegate_clients_closed_total",
+            "reason=\"heartbeat_timeout\"",
+        ) >= 1.0
+    })
+    .await;
     assert_eq!(
         close_code(&mut ws, WAIT).await,
         Some(edgegate::client::HEARTBEAT_TIMEOUT_CODE)
@@ -270,13 +281,11 @@ async fn slow_reader_drops_oldest_and_counts_it() {
                                          // 64 MiB: far more than the loopback socket buffers hold.
     flood_first_client(&mut service, 1024, 64 * 1024).await;
     let mut dropped = 0.0;
-    for _ in 0..200 {
+    eventually(Duration::from_secs(4), || {
         dropped = gw.metric("edgegate_outbound_dropped_total", "policy=\"drop_oldest\"");
-        if dropped > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        dropped > 0.0
+    })
+    .await;
     assert!(dropped > 0.0, "no drops counted");
     assert_eq!(
         gw.gateway().client_count(),
@@ -323,12 +332,7 @@ async fn service_killed_and_restarted_links_come_back() {
     // The service goes away: clients bound to its links are closed with 1012.
     service.kill().await;
     assert_eq!(close_code(&mut before, WAIT).await, Some(1012));
-    for _ in 0..200 {
-        if gw.gateway().links_up("svc") == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(Duration::from_secs(2), || gw.gateway().links_up("svc") == 0).await;
     // While no link is up, new clients are told to come back later (1013).
     let mut during = gw.connect("/echo").await;
     assert_eq!(close_code(&mut during, WAIT).await, Some(1013));

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use edgegate_link::service::Event;
 use edgegate_tests::framed::{FramedTestClient, BINARY, CLOSE, PING, PONG, TEXT, WELCOME};
-use edgegate_tests::{EventService, ExampleService, GatewayBuilder};
+use edgegate_tests::{eventually, EventService, ExampleService, GatewayBuilder};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -38,12 +38,10 @@ async fn framed_and_websocket_clients_share_a_chat_topic() {
         .unwrap();
     assert_eq!(a.recv(WAIT).await.unwrap().kind, WELCOME);
     assert_eq!(b.recv(WAIT).await.unwrap().kind, WELCOME);
-    for _ in 0..200 {
-        if gw.gateway().shared().topics.subscriber_count("room") == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(Duration::from_secs(2), || {
+        gw.gateway().shared().topics.subscriber_count("room") == 2
+    })
+    .await;
     a.send(TEXT, b"to the room").await.unwrap();
     for c in [&mut a, &mut b] {
         let f = c.recv_data(WAIT).await.unwrap();

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use edgegate_link::service::Event;
-use edgegate_tests::{refused_status, EventService, GatewayBuilder, TestGateway};
+use edgegate_tests::{eventually, refused_status, EventService, GatewayBuilder, TestGateway};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -47,14 +47,11 @@ async fn gateway_with_timeouts(service: &EventService, secs: u64) -> TestGateway
 /// Waits until the gateway holds no connection; returns how long it took.
 async fn settle(gw: &TestGateway, within: Duration) -> Duration {
     let start = Instant::now();
-    while gw.gateway().shared().connections() > 0 {
-        assert!(
-            start.elapsed() < within,
-            "gateway still holds {} connections after {within:?}",
-            gw.gateway().shared().connections()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        eventually(within, || gw.gateway().shared().connections() == 0).await,
+        "gateway still holds {} connections after {within:?}",
+        gw.gateway().shared().connections()
+    );
     start.elapsed()
 }
 
@@ -361,7 +358,7 @@ async fn truncated_client_hello_and_silent_connections_end_at_the_handshake_time
         tcp.write_all(&hello[..cut]).await.unwrap();
         conns.push(tcp);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(WAIT, || gw.gateway().shared().connections() == 3).await;
     assert_eq!(gw.gateway().shared().connections(), 3);
     for tcp in &mut conns {
         let (_, after) = read_until_closed(tcp, WAIT).await;
@@ -435,7 +432,8 @@ async fn idle_connections_holding_every_handshake_permit_do_not_lock_out_new_cli
     for _ in 0..8 {
         idle.push(TcpStream::connect(gw.addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Accepted, so each holds a handshake permit.
+    assert!(eventually(WAIT, || gw.gateway().shared().connections() == 8).await);
     let start = Instant::now();
     let _ws = gw.connect("/echo").await;
     let waited = start.elapsed();
@@ -465,7 +463,8 @@ async fn connections_that_send_one_byte_and_stall_do_not_lock_out_new_clients() 
         tcp.write_all(&[0x16]).await.unwrap();
         stalled.push(tcp);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Accepted, so each holds a handshake permit.
+    assert!(eventually(WAIT, || gw.gateway().shared().connections() == 8).await);
     let start = Instant::now();
     let _ws = gw.connect("/echo").await;
     let waited = start.elapsed();
@@ -1022,9 +1021,7 @@ async fn a_flood_of_bad_tokens_costs_no_service_traffic_and_is_counted() {
         }
     }
     let elapsed = wall.elapsed();
-    while gw.gateway().shared().connections() > 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(eventually(WAIT, || gw.gateway().shared().connections() == 0).await);
     let cpu = threads_cpu("gw-under-test") - cpu_before;
     println!(
         "{BAD} bad tokens in {elapsed:?} ({:.0}/s): gateway CPU {cpu:?}, {:.0} µs per rejected token (TLS handshake + HTTP + JWT check)",
@@ -1079,11 +1076,10 @@ async fn tcp_from(gw: &TestGateway, source: &str) -> TcpStream {
 
 /// Waits until the gateway holds `n` connections and `refused_metric` reads `refused`.
 async fn wait_counts(gw: &TestGateway, n: usize, refused_metric: &str, refused: f64) {
-    for _ in 0..500 {
-        if gw.gateway().shared().connections() == n && gw.metric(refused_metric, "") == refused {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let counted =
+        || gw.gateway().shared().connections() == n && gw.metric(refused_metric, "") == refused;
+    if eventually(Duration::from_secs(5), counted).await {
+        return;
     }
     panic!(
         "gateway holds {} connections and {refused_metric} is {}, expected {n} and {refused}",

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use edgegate_link::proto::{Frame, FrameCodec, PROTOCOL_VERSION};
 use edgegate_tests::fixture::MinimalGateway;
-use edgegate_tests::{http_get, metric_value, GatewayBuilder, TestCert, WsClient};
+use edgegate_tests::{eventually, http_get, metric_value, GatewayBuilder, TestCert, WsClient};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
@@ -205,6 +205,20 @@ async fn read_close(ws: &mut WsClient) -> Option<u16> {
 }
 
 /// Checks the rule for every connection; returns (delivered all, cut with a close code).
+/// Waits, at most `within`, until every connection the gateway did not close
+/// with 1011-1013 has all it sent in the service's log: closes travel after
+/// the messages on the same link, so the last messages may still be on it.
+async fn wait_delivered(conns: &[Conn], log: &Log, within: Duration) {
+    let arrived = || {
+        let log = log.lock().unwrap();
+        conns.iter().all(|c| {
+            matches!(c.gateway_close, Some(1011..=1013))
+                || log.get(&c.tag).map_or(0, Vec::len) as u64 >= c.sent
+        })
+    };
+    eventually(within, arrived).await;
+}
+
 fn check_nothing_lost(conns: &[Conn], log: &Log) -> (usize, usize) {
     let log = log.lock().unwrap();
     let (mut complete, mut cut) = (0, 0);
@@ -292,8 +306,7 @@ async fn nothing_is_lost_silently_when_the_service_crashes_and_restarts_mid_stre
     for c in clients {
         conns.extend(c.await.unwrap());
     }
-    // Closes travel after the messages on the same link: give them a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_delivered(&conns, &service.log, Duration::from_secs(5)).await;
     let (complete, cut) = check_nothing_lost(&conns, &service.log);
     let sent: u64 = conns.iter().map(|c| c.sent).sum();
     let mut codes: HashMap<Option<u16>, usize> = HashMap::new();
@@ -360,7 +373,7 @@ async fn a_service_too_slow_to_read_pauses_its_clients_then_closes_them_with_101
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_delivered(&conns, &log, Duration::from_secs(5)).await;
     let (complete, cut) = check_nothing_lost(&conns, &log);
     let sent: u64 = conns.iter().map(|c| c.sent).sum();
     let delivered: usize = log.lock().unwrap().values().map(Vec::len).sum();
