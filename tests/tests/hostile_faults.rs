@@ -556,9 +556,9 @@ async fn out_of_file_descriptors_the_binary_keeps_serving_counts_backs_off_and_r
             "an existing client lost service"
         );
     }
-    // Descriptors come back: new clients get in again within the backoff.
+    // Descriptors come back: new clients get in again within the backoff
+    // (the loop retries until the gateway has seen the freed sockets close).
     clients.truncate(exhausted.saturating_sub(10));
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let start = Instant::now();
     let mut fresh = loop {
         match tokio::time::timeout(Duration::from_secs(2), gw.connect()).await {
