@@ -169,6 +169,30 @@ pub enum StartError {
     Admin(#[from] crate::admin::AdminBindError),
 }
 
+impl StartError {
+    /// Whether the operator's files are at fault (exit `EX_CONFIG`, which the
+    /// unit does not restart on), rather than the host (a port in use).
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Tls { .. } | StartError::Auth(_))
+    }
+}
+
+/// Every listener's TLS server config, in the config's order.
+fn tls_configs(config: &Config) -> Result<Vec<rustls::ServerConfig>, StartError> {
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            server_config(&l.tls_cert_path, &l.tls_key_path, l.protocol).map_err(|source| {
+                StartError::Tls {
+                    name: l.name.clone(),
+                    source,
+                }
+            })
+        })
+        .collect()
+}
+
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
@@ -197,19 +221,22 @@ impl Gateway {
     /// # Errors
     /// [`StartError`] when a listener cannot bind or its certificate is unusable.
     pub async fn start(config: &Config) -> Result<Gateway, StartError> {
-        let tls_configs = config
-            .listeners
-            .iter()
-            .map(|l| {
-                server_config(&l.tls_cert_path, &l.tls_key_path, l.protocol).map_err(|source| {
-                    StartError::Tls {
-                        name: l.name.clone(),
-                        source,
-                    }
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let tls_configs = tls_configs(config)?;
         Self::start_with_tls(config, tls_configs).await
+    }
+
+    /// Builds everything [`Gateway::start`] builds from the file without
+    /// binding or dialling anything: every listener's certificate chain and
+    /// key (parsed, and the key matching the certificate) and the auth keys.
+    /// `edgegate check-config` runs this, so a file it passes does not fail
+    /// `run` on its contents.
+    ///
+    /// # Errors
+    /// [`StartError`] naming the listener and file, as `start` would.
+    pub fn check(config: &Config) -> Result<(), StartError> {
+        tls_configs(config)?;
+        Settings::from_config(config)?;
+        Ok(())
     }
 
     /// As [`Gateway::start`], with the TLS configs already built (one per

@@ -111,7 +111,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Tune { check: _, config } => tune_check(&config),
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match Config::load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                edgegate::Gateway::check(&c).map_err(|e| e.to_string())?;
+                Ok(c)
+            }) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} listeners, {} services, max_clients {})",
@@ -145,6 +150,10 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(edgegate::shutdown::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(edgegate::shutdown::RunError::Start(e)) if e.is_config() => {
+                    tracing::error!("{e}");
+                    ExitCode::from(EX_CONFIG)
+                }
                 Err(e) => {
                     tracing::error!("{e}");
                     ExitCode::from(EX_SOFTWARE)

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
@@ -22,6 +23,12 @@ pub enum TlsError {
     Certificates { path: PathBuf, message: String },
     #[error("{path}: no certificate in file")]
     NoCertificate { path: PathBuf },
+    #[error("{path}: certificate {index} of the chain is not X.509: {message}")]
+    NotX509 {
+        path: PathBuf,
+        index: usize,
+        message: String,
+    },
     #[error("{path}: cannot read private key: {message}")]
     Key { path: PathBuf, message: String },
     #[error("certificate {cert} and key {key} do not form a usable pair: {source}")]
@@ -52,6 +59,15 @@ pub fn server_config(
             path: cert_path.to_owned(),
         });
     }
+    // rustls takes the chain as opaque DER and would only fail at the first
+    // handshake; parse every certificate now so a bad file is a config error.
+    for (index, der) in certs.iter().enumerate() {
+        x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::NotX509 {
+            path: cert_path.to_owned(),
+            index,
+            message: e.to_string(),
+        })?;
+    }
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TlsError::Key {
         path: key_path.to_owned(),
         message: e.to_string(),
@@ -63,6 +79,36 @@ pub fn server_config(
     })?;
     config.alpn_protocols = alpn(protocol);
     Ok(config)
+}
+
+/// When the first (leaf) certificate in `cert_path` stops being valid.
+///
+/// # Errors
+/// [`TlsError`] naming the file when it cannot be read or parsed.
+pub fn leaf_not_after(cert_path: &Path) -> Result<SystemTime, TlsError> {
+    let der = CertificateDer::pem_file_iter(cert_path)
+        .map_err(|e| TlsError::Certificates {
+            path: cert_path.to_owned(),
+            message: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| TlsError::NoCertificate {
+            path: cert_path.to_owned(),
+        })?
+        .map_err(|e| TlsError::Certificates {
+            path: cert_path.to_owned(),
+            message: e.to_string(),
+        })?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| TlsError::NotX509 {
+        path: cert_path.to_owned(),
+        index: 0,
+        message: e.to_string(),
+    })?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(match u64::try_from(secs) {
+        Ok(s) => UNIX_EPOCH + Duration::from_secs(s),
+        Err(_) => UNIX_EPOCH,
+    })
 }
 
 /// ALPN protocols a listener offers: `http/1.1` for WebSocket, `edgegate/1`

@@ -121,3 +121,74 @@ fn version_is_printed() {
     let out = edgegate().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+/// A PEM file whose CERTIFICATE block is base64 of bytes that are not X.509:
+/// it passes a PEM reader, and only a certificate parser rejects it.
+const GARBAGE_CERT: &str =
+    "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZSBnYXJiYWdlIGdhcmJhZ2U=\n-----END CERTIFICATE-----\n";
+
+/// Writes a config whose certificate or key is replaced by `cert`/`key` when given.
+fn with_files(name: &str, cert: Option<&str>, key: Option<&str>) -> PathBuf {
+    let path = temp(name, GOOD);
+    let dir = path.parent().unwrap();
+    if let Some(cert) = cert {
+        std::fs::write(dir.join("cert.pem"), cert).unwrap();
+    }
+    if let Some(key) = key {
+        std::fs::write(dir.join("key.pem"), key).unwrap();
+    }
+    path
+}
+
+fn assert_config_error(out: &std::process::Output, names: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains(names), "{names} not named in: {err}");
+}
+
+#[test]
+fn check_config_rejects_a_certificate_that_is_not_x509_naming_the_file() {
+    let path = with_files("garbage-cert", Some(GARBAGE_CERT), None);
+    let out = edgegate()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_config_error(&out, "cert.pem");
+}
+
+#[test]
+fn check_config_rejects_a_key_that_does_not_match_the_certificate() {
+    let (_, other_key) = edgegate::tls::self_signed().unwrap();
+    let path = with_files("mismatch", None, Some(&other_key));
+    let out = edgegate()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_config_error(&out, "key.pem");
+}
+
+#[test]
+fn run_with_a_garbage_certificate_exits_78_so_systemd_does_not_restart_it() {
+    let path = with_files("run-garbage", Some(GARBAGE_CERT), None);
+    let out = edgegate()
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("EDGEGATE_LOG", "info")
+        .output()
+        .unwrap();
+    assert_config_error(&out, "cert.pem");
+}
+
+#[test]
+fn run_with_a_mismatched_key_exits_78() {
+    let (_, other_key) = edgegate::tls::self_signed().unwrap();
+    let path = with_files("run-mismatch", None, Some(&other_key));
+    let out = edgegate()
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_config_error(&out, "key.pem");
+}
