@@ -102,7 +102,8 @@ impl GatewayView {
         }
         m.connections
             .set(i64::try_from(self.shared.connections()).unwrap_or(i64::MAX));
-        crate::process::refresh(m);
+        let links: usize = self.pools.iter().map(|p| p.links_up()).sum();
+        crate::process::refresh(m, (self.shared.connections() + links) as u64);
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

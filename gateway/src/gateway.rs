@@ -278,6 +278,9 @@ impl Gateway {
             bound.push(listener);
         }
         let admin_listener = crate::admin::bind(config.admin_bind).await?;
+        // Nothing is accepted or dialled yet: what is open now is the base
+        // of the descriptor count on kernels that do not report it.
+        crate::process::record_baseline_fds();
 
         let link_stop = CancellationToken::new();
         let gateway_name: Arc<str> = Arc::from(gateway_name().as_str());

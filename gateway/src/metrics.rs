@@ -120,8 +120,8 @@ pub struct Metrics {
     /// Busy share of the workers over the last sample interval (0..=1).
     pub runtime_busy_ratio: Gauge<f64, AtomicU64>,
     pub resident_memory: Gauge,
-    /// Open file descriptors; only registered where the kernel reports the
-    /// count cheaply (see `process::open_fds`).
+    /// Open file descriptors, counted without listing them (see
+    /// `process::open_fds`).
     pub open_fds: Gauge,
     /// Soft `RLIMIT_NOFILE`.
     pub max_fds: Gauge,
@@ -393,13 +393,11 @@ impl Metrics {
             "Resident set size (/proc/self/statm)",
             m.resident_memory.clone(),
         );
-        if crate::process::open_fds().is_some() {
-            r.register(
-                "process_open_fds",
-                "Open file descriptors",
-                m.open_fds.clone(),
-            );
-        }
+        r.register(
+            "process_open_fds",
+            "Open file descriptors (the kernel's count on Linux >= 6.2; the start-up baseline plus held sockets before)",
+            m.open_fds.clone(),
+        );
         r.register("process_max_fds", "Soft RLIMIT_NOFILE", m.max_fds.clone());
         r.register("jemalloc_allocated_bytes", "Bytes allocated by the application (jemalloc stats.allocated; 0 when jemalloc is not the allocator)", m.jemalloc_allocated.clone());
         r.register(

@@ -5,21 +5,29 @@
 //! - Resident memory: `/proc/self/statm` (one short line), not `status` or
 //!   `smaps`.
 //! - Open descriptors: `stat("/proc/self/fd").st_size`, which Linux ≥ 6.2
-//!   reports as the number of open descriptors. Listing the directory would
-//!   cost O(clients) per scrape, so it is never done: on older kernels the
-//!   series is not exported (`st_size` is 0 there).
+//!   reports as the number of open descriptors. Older kernels (Debian 12's
+//!   6.1) report 0 there, and listing the directory would cost O(clients)
+//!   per scrape, so there the count is the descriptors listed once at
+//!   start-up, before any client or link ([`record_baseline_fds`]), plus the
+//!   sockets the gateway holds now (accepted connections and links). It
+//!   misses short-lived descriptors (an admin scrape's own connection, a
+//!   file being read), a handful against limits in the millions.
 //! - jemalloc: `stats.allocated`, `stats.resident`, `stats.retained` after an
 //!   epoch advance, only once the binary has said jemalloc is its global
 //!   allocator ([`enable_jemalloc_stats`]); a library user or a test with the
 //!   system allocator keeps these at 0.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::sys::resource::{getrlimit, Resource};
 
 use crate::metrics::Metrics;
 
 static JEMALLOC_STATS: AtomicBool = AtomicBool::new(false);
+
+/// Descriptors open before the gateway held any client or link; 0 until
+/// [`record_baseline_fds`] ran.
+static BASELINE_FDS: AtomicU64 = AtomicU64::new(0);
 
 /// Says that jemalloc is the process's global allocator, so its statistics
 /// describe the whole heap. The `edgegate` binary calls it first thing.
@@ -42,13 +50,37 @@ fn page_size() -> u64 {
         .unwrap_or(4096)
 }
 
-/// Open file descriptors, when the kernel reports them as the size of
-/// `/proc/self/fd` (Linux ≥ 6.2); `None` otherwise. Never lists the directory.
-pub fn open_fds() -> Option<u64> {
-    let size = std::fs::metadata("/proc/self/fd").ok()?.len();
-    // A process always has some descriptor open (this one's stdin at least,
-    // or the runtime's epoll), so 0 means "not reported".
-    (size > 0).then_some(size)
+/// Lists `/proc/self/fd` once, while the process holds only its own files,
+/// listeners and admin socket, as the base that [`open_fds`] adds held
+/// sockets to on kernels that do not report the count. Called by the gateway
+/// after binding and before it accepts or dials anything.
+pub fn record_baseline_fds() {
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        // The listing's own descriptor is in it and closes afterwards.
+        let n = dir.count().saturating_sub(1) as u64;
+        BASELINE_FDS.store(n, Ordering::Relaxed);
+    }
+}
+
+/// Open file descriptors: the kernel's count where it reports one (Linux ≥
+/// 6.2), else the start-up baseline plus `held_sockets` (the clients'
+/// connections and links the gateway holds now); `None` when neither is
+/// known. Never lists the directory.
+pub fn open_fds(held_sockets: u64) -> Option<u64> {
+    let size = std::fs::metadata("/proc/self/fd").map_or(0, |m| m.len());
+    count_fds(size, BASELINE_FDS.load(Ordering::Relaxed), held_sockets)
+}
+
+/// A process always has some descriptor open (the runtime's epoll at
+/// least), so a size or a baseline of 0 means "not reported".
+fn count_fds(fd_dir_size: u64, baseline: u64, held_sockets: u64) -> Option<u64> {
+    if fd_dir_size > 0 {
+        Some(fd_dir_size)
+    } else if baseline > 0 {
+        Some(baseline + held_sockets)
+    } else {
+        None
+    }
 }
 
 /// The soft `RLIMIT_NOFILE`.
@@ -84,12 +116,13 @@ pub fn jemalloc_stats() -> Option<JemallocStats> {
 }
 
 /// Sets the process gauges from fresh readings. Cheap: a few small reads,
-/// whatever the number of clients.
-pub fn refresh(metrics: &Metrics) {
+/// whatever the number of clients. `held_sockets` is what the gateway holds
+/// now (see [`open_fds`]).
+pub fn refresh(metrics: &Metrics, held_sockets: u64) {
     if let Some(rss) = resident_bytes() {
         metrics.resident_memory.set(saturating_i64(rss));
     }
-    if let Some(fds) = open_fds() {
+    if let Some(fds) = open_fds(held_sockets) {
         metrics.open_fds.set(saturating_i64(fds));
     }
     if let Some(max) = max_fds() {
@@ -117,19 +150,31 @@ mod tests {
     }
 
     #[test]
-    fn open_fds_follow_opened_files_when_the_kernel_reports_them() {
-        let Some(before) = open_fds() else {
-            eprintln!("skipped: this kernel does not report the fd count as the size of /proc/self/fd (Linux < 6.2)");
-            return;
-        };
+    fn open_fds_follow_opened_files() {
+        record_baseline_fds();
+        let before = open_fds(0).expect("reported by the kernel or the baseline");
         let files: Vec<_> = (0..8)
             .filter_map(|_| std::fs::File::open("/proc/self/statm").ok())
             .collect();
-        let after = open_fds().expect("still reported");
+        // Files the gateway does not count are seen only where the kernel
+        // reports the count; the held sockets are added on every kernel.
+        let after = open_fds(files.len() as u64).expect("still reported");
         // Other tests open and close descriptors concurrently: allow slack.
         assert!(
             after + 4 >= before + files.len() as u64,
             "{before} -> {after}"
+        );
+    }
+
+    #[test]
+    fn without_the_kernels_count_the_baseline_plus_held_sockets_is_reported() {
+        // Linux 6.1 reports st_size 0 for /proc/self/fd.
+        assert_eq!(count_fds(0, 12, 1000), Some(1012));
+        assert_eq!(count_fds(0, 0, 1000), None, "no baseline recorded");
+        assert_eq!(
+            count_fds(1234, 12, 1000),
+            Some(1234),
+            "the kernel's count wins"
         );
     }
 
