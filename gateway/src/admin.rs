@@ -102,8 +102,24 @@ impl GatewayView {
         }
         m.connections
             .set(i64::try_from(self.shared.connections()).unwrap_or(i64::MAX));
+        // Process gauges: a few small reads, whatever the number of clients.
         let links: usize = self.pools.iter().map(|p| p.links_up()).sum();
-        crate::process::refresh(m, (self.shared.connections() + links) as u64);
+        let held_sockets = (self.shared.connections() + links) as u64;
+        if let Some(rss) = crate::process::resident_bytes() {
+            m.resident_memory.set(saturating_i64(rss));
+        }
+        if let Some(fds) = crate::process::open_fds(held_sockets) {
+            m.open_fds.set(saturating_i64(fds));
+        }
+        if let Some(max) = crate::process::max_fds() {
+            m.max_fds.set(saturating_i64(max));
+        }
+        if let Some(j) = crate::process::jemalloc_stats() {
+            m.jemalloc_allocated.set(saturating_i64(j.allocated));
+            m.jemalloc_resident.set(saturating_i64(j.resident));
+            m.jemalloc_retained.set(saturating_i64(j.retained));
+        }
+
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -367,6 +383,10 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
         }
     }
     out
+}
+
+fn saturating_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ pub struct Metrics {
 
     // Operations: limits, reloads, the scheduler and the process. The
     // scheduler series are sampled by `scheduler::run`, the process series
-    // at every scrape (`process::refresh`).
+    // at every scrape (`AdminServer` encode, from `process`).
     /// `limits.max_clients` as loaded (changes on reload).
     pub clients_max: Gauge,
     /// TCP connections held against `max_clients` (handshaking or in session).

@@ -21,8 +21,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::sys::resource::{getrlimit, Resource};
 
-use crate::metrics::Metrics;
-
 static JEMALLOC_STATS: AtomicBool = AtomicBool::new(false);
 
 /// Descriptors open before the gateway held any client or link; 0 until
@@ -113,30 +111,6 @@ pub fn jemalloc_stats() -> Option<JemallocStats> {
         resident: stats::resident::read().ok()? as u64,
         retained: stats::retained::read().ok()? as u64,
     })
-}
-
-/// Sets the process gauges from fresh readings. Cheap: a few small reads,
-/// whatever the number of clients. `held_sockets` is what the gateway holds
-/// now (see [`open_fds`]).
-pub fn refresh(metrics: &Metrics, held_sockets: u64) {
-    if let Some(rss) = resident_bytes() {
-        metrics.resident_memory.set(saturating_i64(rss));
-    }
-    if let Some(fds) = open_fds(held_sockets) {
-        metrics.open_fds.set(saturating_i64(fds));
-    }
-    if let Some(max) = max_fds() {
-        metrics.max_fds.set(saturating_i64(max));
-    }
-    if let Some(j) = jemalloc_stats() {
-        metrics.jemalloc_allocated.set(saturating_i64(j.allocated));
-        metrics.jemalloc_resident.set(saturating_i64(j.resident));
-        metrics.jemalloc_retained.set(saturating_i64(j.retained));
-    }
-}
-
-fn saturating_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
