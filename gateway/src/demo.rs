@@ -38,6 +38,8 @@ pub enum DemoError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Start(#[from] crate::gateway::StartError),
+    #[error(transparent)]
+    Run(#[from] crate::shutdown::RunError),
 }
 
 /// Writes the demo's certificate and config into `dir` and returns the
@@ -86,6 +88,10 @@ links = 2
 
 [limits]
 max_clients = 10000
+
+[drain]
+# An interactive demo: SIGTERM drains like `run`, over a short window.
+drain_window_secs = 2
 "#,
         admin = opts.admin_addr,
         client = opts.client_addr,
@@ -98,7 +104,8 @@ max_clients = 10000
     Ok(Config::from_toml(&path, &text, std::iter::empty())?)
 }
 
-/// Runs the demo until Ctrl-C.
+/// Runs the demo until SIGTERM or Ctrl-C, through the same lifecycle as
+/// `edgegate run` ([`crate::shutdown::serve`]): same signals, same drain.
 ///
 /// # Errors
 /// [`DemoError`] when a port is taken or the files cannot be written.
@@ -116,6 +123,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         service_listener,
         stop.clone(),
     ));
+    let signals = crate::shutdown::Signals::install()?;
     let gateway = Gateway::start(&config).await?;
     // Give the links a moment so the first client does not meet "no link".
     for _ in 0..50 {
@@ -135,7 +143,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
          \n\nTry it (the certificate is self-signed):\
          \n  npx wscat --no-check -c wss://{addr}/chat\
          \n  python3 tests/appliance/ws_client.py echo {ip} {port} /echo {dir}/cert.pem hello\
-         \n\nCtrl-C stops it.",
+         \n\nCtrl-C or SIGTERM drains and stops it.",
         service = opts.service_addr,
         links = config.services[0].links,
         admin = gateway.admin_addr(),
@@ -143,10 +151,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         ip = addr.ip(),
         port = addr.port(),
     );
-    let _ = tokio::signal::ctrl_c().await;
-    gateway.shutdown(Duration::from_millis(500)).await;
+    let result = crate::shutdown::serve(gateway, &config, signals).await;
     stop.cancel();
     let _ = service.await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(result?)
 }

@@ -45,11 +45,44 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             finding.message
         );
     }
-    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
-
+    let signals = Signals::install()?;
     let gateway = Gateway::start(&config).await?;
+    serve(gateway, &config, signals).await
+}
+
+/// The stop and reload signals, installed before the gateway starts so none
+/// is missed while it binds.
+#[derive(Debug)]
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// # Errors
+    /// [`RunError::Signal`] when a handler cannot be installed.
+    pub fn install() -> Result<Self, RunError> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(RunError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(RunError::Signal)?,
+            hup: signal(SignalKind::hangup()).map_err(RunError::Signal)?,
+        })
+    }
+}
+
+/// The one lifecycle of a started gateway, shared by `run` and `demo`:
+/// READY, reload on SIGHUP, drain over `drain_window_secs` on SIGTERM (SIGINT
+/// drains faster), exit at once on a second stop signal.
+///
+/// # Errors
+/// [`RunError::Interrupted`] when a second stop signal cut the drain.
+pub async fn serve(gateway: Gateway, config: &Config, signals: Signals) -> Result<(), RunError> {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     // READY=1 first (every listener and the admin endpoint are bound), then
     // the watchdog and status refresh from inside the runtime.
     systemd::ready("serving");

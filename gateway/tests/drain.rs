@@ -279,3 +279,45 @@ async fn sigint_drains_within_a_second_and_exits_0() {
     );
     assert_eq!(gw.exit_status().await.code(), Some(0));
 }
+
+/// `edgegate demo` shares `run`'s lifecycle: SIGTERM drains its clients with
+/// 1001 and the process exits 0 (it used to die on the signal, status 143).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_drains_on_sigterm_like_run_and_exits_0() {
+    let (port, service_port, admin_port) = (free_port(), free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .arg("demo")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--service", &format!("127.0.0.1:{service_port}")])
+        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    assert!(
+        wait_admin(admin, "/readyz", 200, Duration::from_secs(10)).await,
+        "the demo did not become ready"
+    );
+    let dir = std::env::temp_dir().join(format!("edgegate-demo-{}", child.id()));
+    let cert = std::fs::read_to_string(dir.join("cert.pem")).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let waiter = client(addr, connector(&cert)).await;
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let close = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("a close within the demo's drain window")
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(close.map(|(code, _)| code), Some(1001));
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert!(!dir.exists(), "the demo removes its files on exit");
+}
