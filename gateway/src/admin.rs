@@ -1,5 +1,5 @@
 //! The admin endpoint: a separate HTTP/1 listener (`[admin] bind`, default
-//! `127.0.0.1:9090`), never the client port.
+//! `127.0.0.1:7611`), never the client port.
 //!
 //! | path | answers |
 //! |---|---|

@@ -78,10 +78,16 @@ pub struct RawAdmin {
     pub bind: String,
 }
 
+/// The admin endpoint's default address. Port 7611 is outside the ports
+/// the Prometheus ecosystem takes by default (9090-9094 for Prometheus,
+/// Pushgateway and Alertmanager; 9100-9999 for exporters), so a gateway that
+/// shares a host with a Prometheus server or its exporters binds.
+pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:7611";
+
 impl Default for RawAdmin {
     fn default() -> Self {
         Self {
-            bind: "127.0.0.1:9090".into(),
+            bind: DEFAULT_ADMIN_BIND.into(),
         }
     }
 }
@@ -772,6 +778,16 @@ pub fn default_worker_threads() -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_default_admin_port_is_outside_the_prometheus_ecosystems_ports() {
+        let raw = super::RawAdmin::default();
+        let port: u16 = raw.bind.rsplit(':').next().unwrap().parse().unwrap();
+        assert!(
+            !(9090..=9094).contains(&port) && !(9100..=9999).contains(&port),
+            "admin port {port} clashes with Prometheus, Alertmanager or an exporter"
+        );
+    }
+
     use super::*;
 
     fn write_cert_pair(dir: &Path) -> (PathBuf, PathBuf) {

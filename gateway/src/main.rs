@@ -55,7 +55,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7000")]
         service: SocketAddr,
         /// Admin endpoint (metrics, health).
-        #[arg(long, default_value = "127.0.0.1:9090")]
+        #[arg(long, default_value = edgegate::config::DEFAULT_ADMIN_BIND)]
         admin: SocketAddr,
     },
     /// Compare this host's limits and kernel settings with what the config needs.

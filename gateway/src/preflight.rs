@@ -129,7 +129,7 @@ fn sysctl_u64(key: &str) -> Option<u64> {
     sysctl(key)?.trim().parse().ok()
 }
 
-/// Parses a port list such as `8443,9090-9099` (as in `ip_local_reserved_ports`).
+/// Parses a port list such as `8443,7611-9099` (as in `ip_local_reserved_ports`).
 pub fn parse_port_list(text: &str) -> Vec<(u16, u16)> {
     text.trim()
         .split(',')
@@ -326,7 +326,7 @@ mod tests {
         std::fs::write(dir.join("cert.pem"), cert).unwrap();
         std::fs::write(dir.join("key.pem"), key).unwrap();
         let text = format!(
-            "[admin]\nbind = \"127.0.0.1:9090\"\n\n[[listener]]\nname = \"public\"\nbind = \"{bind}\"\nbacklog = {backlog}\n\
+            "[admin]\nbind = \"127.0.0.1:7611\"\n\n[[listener]]\nname = \"public\"\nbind = \"{bind}\"\nbacklog = {backlog}\n\
              tls_cert_path = \"{d}/cert.pem\"\ntls_key_path = \"{d}/key.pem\"\n\n\
              [[route]]\nlistener = \"public\"\npath = \"/echo\"\nservice = \"example\"\n\n\
              [[service]]\nname = \"example\"\naddresses = [\"127.0.0.1:7000\"]\nlinks = 4\n\n\
@@ -390,7 +390,7 @@ mod tests {
             tcp_mem: Some([10, 20, 30]),
             conntrack_max: Some(65_536),
             port_range: Some((1024, 65_000)),
-            reserved_ports: parse_port_list("9090"),
+            reserved_ports: parse_port_list("7611"),
         };
         let f = check(&config(2_000_000, 65_535, "0.0.0.0:8443"), &host);
         let checks: Vec<_> = f.iter().map(|f| f.check).collect();
@@ -408,15 +408,15 @@ mod tests {
             "{f:#?}"
         );
         assert!(f.iter().all(|f| !f.to_string().contains('\n')));
-        // 9090 (admin) is reserved; 8443 is not.
+        // 7611 (admin) is reserved; 8443 is not.
         assert!(f.last().is_some_and(|f| f.message.contains("port 8443")));
     }
 
     #[test]
     fn port_lists_parse_ranges_and_singles() {
         assert_eq!(
-            parse_port_list("8443,9090-9099\n"),
-            vec![(8443, 8443), (9090, 9099)]
+            parse_port_list("8443,7611-9099\n"),
+            vec![(8443, 8443), (7611, 9099)]
         );
         assert_eq!(parse_port_list("\n"), vec![]);
     }

@@ -24,7 +24,7 @@ Scenarios (see docs/benchmark.md for what each one measures and why):
 Usage:
   tests/bench/bench.py                       # everything, release build (~15 min on 2 cores)
   tests/bench/bench.py --systems edgegate --scenarios idle-memory,echo
-  tests/bench/bench.py --target 10.0.0.5:8443 --admin http://10.0.0.5:9090 \\
+  tests/bench/bench.py --target 10.0.0.5:8443 --admin http://10.0.0.5:7611 \\
       --source-pool 10.0.1.1-254 --steps 100000,1000000 ...   # remote gateway
 
 It reports; it never passes or fails on the numbers. The code is the

@@ -152,8 +152,8 @@ check "demo: /metrics passes promtool check metrics" bash -c \
     "$(declare -f fetch); fetch http://127.0.0.1:$ADMIN_PORT/metrics | promtool check metrics"
 check "demo: the client port does not serve /metrics" bash -c \
     "$(declare -f fetch); ! fetch http://127.0.0.1:$CLIENT_PORT/metrics"
-check "demo: the default admin address is 127.0.0.1:9090" bash -c \
-    "target/debug/edgegate demo --help | grep -q '127.0.0.1:9090'"
+check "demo: the default admin address is 127.0.0.1:7611" bash -c \
+    "target/debug/edgegate demo --help | grep -q '127.0.0.1:7611'"
 
 echo
 echo "$passed passed, $failed failed"

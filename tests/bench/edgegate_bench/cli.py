@@ -48,7 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--source-pool", default="127.0.1.1-254,127.0.2.1-254,127.0.3.1-254,127.0.4.1-254",
                     help="source addresses for load processes (each gets its own 4)")
     ap.add_argument("--target", help="a remote gateway HOST:PORT (no local systems are started)")
-    ap.add_argument("--admin", help="the remote gateway's admin URL, e.g. http://10.0.0.5:9090")
+    ap.add_argument("--admin", help="the remote gateway's admin URL, e.g. http://10.0.0.5:7611")
     ap.add_argument("--server-name", default="localhost", help="TLS server name for a remote gateway")
     ap.add_argument("--profile", default="release", choices=["release", "debug"])
     ap.add_argument("--no-build", action="store_true")
