@@ -82,7 +82,20 @@ fn tune_check(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let findings = edgegate::preflight::check(&config, &edgegate::preflight::Host::read());
+    let (host, nofile_of) = edgegate::preflight::Host::read_for_tune();
+    let findings = edgegate::preflight::check(&config, &host);
+    if let Some(limit) = host.nofile {
+        let whose = match nofile_of {
+            edgegate::preflight::NofileOf::Unit => "edgegate.service's LimitNOFILE",
+            edgegate::preflight::NofileOf::ThisProcess => {
+                "this process's RLIMIT_NOFILE (edgegate.service is not loaded here)"
+            }
+        };
+        println!(
+            "descriptor limit checked: {whose}: soft {}, hard {}",
+            limit.soft, limit.hard
+        );
+    }
     for f in &findings {
         println!("{f}");
     }

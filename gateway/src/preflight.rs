@@ -121,6 +121,83 @@ impl Host {
     }
 }
 
+/// Whose descriptor limit [`Host::nofile`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NofileOf {
+    /// This process's own `getrlimit`.
+    ThisProcess,
+    /// `edgegate.service`'s `LimitNOFILE=`, as systemd will apply it.
+    Unit,
+}
+
+impl Host {
+    /// What `edgegate tune --check` compares against. An operator runs it
+    /// from a shell whose descriptor limit (often 1024) says nothing about
+    /// the gateway's: when `edgegate.service` is loaded and this process is
+    /// not itself started by systemd, the limit is the unit's `LimitNOFILE=`
+    /// (read with `systemctl show`, the one stable interface to it without
+    /// a D-Bus client). Everything else is read as [`Host::read`] does.
+    pub fn read_for_tune() -> (Host, NofileOf) {
+        let mut host = Host::read();
+        if std::env::var_os("INVOCATION_ID").is_some() {
+            return (host, NofileOf::ThisProcess);
+        }
+        match unit_nofile("edgegate.service") {
+            Some(limit) => {
+                host.nofile = Some(limit);
+                (host, NofileOf::Unit)
+            }
+            None => (host, NofileOf::ThisProcess),
+        }
+    }
+}
+
+/// `LimitNOFILESoft`/`LimitNOFILE` of a loaded unit; `None` without
+/// systemd or when the unit is not installed.
+fn unit_nofile(unit: &str) -> Option<NofileLimit> {
+    let out = std::process::Command::new("systemctl")
+        .args([
+            "show",
+            unit,
+            "-p",
+            "LoadState",
+            "-p",
+            "LimitNOFILESoft",
+            "-p",
+            "LimitNOFILE",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    parse_unit_nofile(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Parses `systemctl show` lines `KEY=VALUE` (`infinity` is `u64::MAX`).
+fn parse_unit_nofile(text: &str) -> Option<NofileLimit> {
+    let mut loaded = false;
+    let (mut soft, mut hard) = (None, None);
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let number = || match value.trim() {
+            "infinity" => Some(u64::MAX),
+            v => v.parse().ok(),
+        };
+        match key {
+            "LoadState" => loaded = value.trim() == "loaded",
+            "LimitNOFILESoft" => soft = number(),
+            "LimitNOFILE" => hard = number(),
+            _ => {}
+        }
+    }
+    let hard = hard.filter(|_| loaded)?;
+    Some(NofileLimit {
+        soft: soft.unwrap_or(hard),
+        hard,
+    })
+}
+
 fn sysctl(key: &str) -> Option<String> {
     std::fs::read_to_string(format!("/proc/sys/{key}")).ok()
 }
@@ -176,7 +253,7 @@ pub fn check(config: &Config, host: &Host) -> Vec<Finding> {
                 Severity::Fatal,
                 "nofile",
                 format!(
-                    "hard RLIMIT_NOFILE of this process is {} but max_clients = {max_clients} needs {needed} descriptors \
+                    "hard RLIMIT_NOFILE is {} but max_clients = {max_clients} needs {needed} descriptors \
                      ({max_clients} clients + {links} links + {RESERVED_FDS} reserved): clients beyond ~{} are refused with EMFILE; \
                      set LimitNOFILE={needed} or more (systemctl edit edgegate; the package sets 2100000) or lower [limits] max_clients",
                     limit.hard,
@@ -335,6 +412,24 @@ mod tests {
         );
         let path = dir.join("edgegate.toml");
         Config::from_toml(&path, &text, std::iter::empty()).unwrap()
+    }
+
+    #[test]
+    fn the_units_limit_is_read_from_systemctl_show() {
+        let shown = "LoadState=loaded\nLimitNOFILESoft=2100000\nLimitNOFILE=2100000\n";
+        assert_eq!(
+            parse_unit_nofile(shown),
+            Some(NofileLimit {
+                soft: 2_100_000,
+                hard: 2_100_000
+            })
+        );
+        let infinite = "LimitNOFILE=infinity\nLoadState=loaded\nLimitNOFILESoft=1024";
+        assert_eq!(parse_unit_nofile(infinite).map(|l| l.hard), Some(u64::MAX));
+        // Not installed: systemctl still prints the defaults.
+        let missing = "LoadState=not-found\nLimitNOFILESoft=1024\nLimitNOFILE=524288\n";
+        assert_eq!(parse_unit_nofile(missing), None);
+        assert_eq!(parse_unit_nofile(""), None);
     }
 
     fn roomy() -> Host {

@@ -68,7 +68,7 @@ fn tune_check_reports_a_nofile_limit_below_max_clients_and_exits_1() {
         .find(|l| l.starts_with("fatal: nofile:"))
         .unwrap_or_else(|| panic!("no nofile line in:\n{stdout}"));
     assert!(
-        line.contains(&format!("hard RLIMIT_NOFILE of this process is {hard}")),
+        line.contains(&format!("hard RLIMIT_NOFILE is {hard}")),
         "{line}"
     );
     assert!(
