@@ -131,7 +131,7 @@ impl GatewayView {
     /// # Errors
     /// The first reason it is not.
     pub fn readiness(&self) -> Result<(), NotReady> {
-        if self.shared.is_draining() {
+        if self.shared.is_leaving() {
             return Err(NotReady::Draining);
         }
         match self.pools.iter().find(|p| p.links_up() == 0) {

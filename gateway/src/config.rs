@@ -242,12 +242,21 @@ impl Default for RawAuth {
 #[serde(deny_unknown_fields, default)]
 pub struct RawDrain {
     pub drain_window_secs: u64,
+    pub lb_grace_secs: u64,
 }
+
+/// How long `/readyz` answers 503 while the gateway still accepts, before a
+/// drain stops accepting. A load balancer takes a host out after its health
+/// check failed `fall` times `inter` apart: HAProxy's defaults (2 s × 3) need
+/// 6 s, so 10 s covers them with one interval to spare. Set it to your
+/// balancer's interval × threshold plus one interval.
+pub const DEFAULT_LB_GRACE_SECS: u64 = 10;
 
 impl Default for RawDrain {
     fn default() -> Self {
         Self {
             drain_window_secs: 30,
+            lb_grace_secs: DEFAULT_LB_GRACE_SECS,
         }
     }
 }
@@ -270,6 +279,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Spread of the 1001 closes on SIGTERM.
     pub drain_window: Duration,
+    /// Readiness off while still accepting, before a drain stops accepting.
+    pub lb_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -392,6 +403,100 @@ pub struct AuthConfig {
 }
 
 impl Config {
+    /// The keys that differ between this (running) configuration and `new`
+    /// but that a reload cannot apply: the listeners (set, address,
+    /// protocol, backlog), the routes, the services and everything about
+    /// their links, `[runtime]` and `[admin]`. Certificates, `[limits]`,
+    /// `[heartbeat]`, `[auth]` and `[drain]` are live and never listed.
+    /// Named as in the file: `listener.public.bind`, `service.example`,
+    /// `route.public./chat`.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {
+        let mut keys = Vec::new();
+        if self.runtime.worker_threads != new.runtime.worker_threads {
+            keys.push("runtime.worker_threads".to_owned());
+        }
+        if self.admin_bind != new.admin_bind {
+            keys.push("admin.bind".to_owned());
+        }
+        for old in &self.listeners {
+            let Some(l) = new.listeners.iter().find(|l| l.name == old.name) else {
+                keys.push(format!("listener.{} (removed)", old.name));
+                continue;
+            };
+            let name = &old.name;
+            if l.bind != old.bind {
+                keys.push(format!("listener.{name}.bind"));
+            }
+            if l.protocol != old.protocol {
+                keys.push(format!("listener.{name}.protocol"));
+            }
+            if l.backlog != old.backlog {
+                keys.push(format!("listener.{name}.backlog"));
+            }
+            let routes = |c: &Config, l: &ListenerConfig| {
+                let mut r: Vec<(String, String)> = l
+                    .routes
+                    .iter()
+                    .map(|(path, &i)| (path.clone(), c.services[i].name.clone()))
+                    .collect();
+                r.sort();
+                r
+            };
+            let (before, after) = (routes(self, old), routes(new, l));
+            for (path, service) in &after {
+                if !before.iter().any(|(p, s)| p == path && s == service) {
+                    keys.push(format!("route.{name}.{path}"));
+                }
+            }
+            for (path, _) in &before {
+                if !after.iter().any(|(p, _)| p == path) {
+                    keys.push(format!("route.{name}.{path} (removed)"));
+                }
+            }
+        }
+        for l in &new.listeners {
+            if !self.listeners.iter().any(|old| old.name == l.name) {
+                keys.push(format!("listener.{} (added)", l.name));
+            }
+        }
+        for old in &self.services {
+            match new.services.iter().find(|s| s.name == old.name) {
+                None => keys.push(format!("service.{} (removed)", old.name)),
+                Some(s) => {
+                    let name = &old.name;
+                    let fields = [
+                        ("addresses", s.addresses != old.addresses),
+                        ("links", s.links != old.links),
+                        (
+                            "link_queue_frames",
+                            s.link_queue_frames != old.link_queue_frames,
+                        ),
+                        (
+                            "connect_timeout_secs",
+                            s.connect_timeout != old.connect_timeout,
+                        ),
+                        ("ping_interval_secs", s.ping_interval != old.ping_interval),
+                        ("ping_timeout_secs", s.ping_timeout != old.ping_timeout),
+                        ("reconnect_min_ms", s.reconnect_min != old.reconnect_min),
+                        ("reconnect_max_ms", s.reconnect_max != old.reconnect_max),
+                    ];
+                    keys.extend(
+                        fields
+                            .iter()
+                            .filter(|(_, changed)| *changed)
+                            .map(|(field, _)| format!("service.{name}.{field}")),
+                    );
+                }
+            }
+        }
+        for s in &new.services {
+            if !self.services.iter().any(|old| old.name == s.name) {
+                keys.push(format!("service.{} (added)", s.name));
+            }
+        }
+        keys
+    }
+
     /// Reads, parses and checks the file at `path`, applying `EDGEGATE_`
     /// environment overrides.
     ///
@@ -756,6 +861,7 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         heartbeat,
         auth,
         drain_window: Duration::from_secs(raw.drain.drain_window_secs),
+        lb_grace: Duration::from_secs(raw.drain.lb_grace_secs),
     })
 }
 
@@ -820,6 +926,40 @@ addresses = ["127.0.0.1:7000"]
             cert.display(),
             key.display()
         )
+    }
+
+    #[test]
+    fn restart_only_changes_lists_every_key_a_reload_cannot_apply() {
+        let dir = tempdir("restart-only");
+        let base = sample(&dir);
+        let parse =
+            |text: &str| Config::from_toml(&dir.join("e.toml"), text, std::iter::empty()).unwrap();
+        let running = parse(&base);
+        assert!(running.restart_only_changes(&parse(&base)).is_empty());
+
+        // Live keys: never listed.
+        let live = format!("{base}\n[limits]\nmax_clients = 7\n[drain]\ndrain_window_secs = 5\nlb_grace_secs = 1\n");
+        assert!(running.restart_only_changes(&parse(&live)).is_empty());
+
+        let moved = base
+            .replace("bind = \"127.0.0.1:0\"", "bind = \"127.0.0.1:9\"")
+            .replace("127.0.0.1:7000", "127.0.0.1:7001")
+            .replace("path = \"/echo\"", "path = \"/chat\"");
+        let added = format!(
+            "{moved}\n[[listener]]\nname = \"second\"\nbind = \"127.0.0.1:0\"\ntls_cert_path = \"{0}\"\ntls_key_path = \"{0}\"\n[runtime]\nworker_threads = 7\n",
+            dir.join("cert.pem").display()
+        );
+        assert_eq!(
+            running.restart_only_changes(&parse(&added)),
+            [
+                "runtime.worker_threads",
+                "listener.public.bind",
+                "route.public./chat",
+                "route.public./echo (removed)",
+                "listener.second (added)",
+                "service.example.addresses",
+            ]
+        );
     }
 
     fn tempdir(name: &str) -> PathBuf {

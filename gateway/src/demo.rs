@@ -90,8 +90,10 @@ links = 2
 max_clients = 10000
 
 [drain]
-# An interactive demo: SIGTERM drains like `run`, over a short window.
+# An interactive demo: SIGTERM drains like `run`, over a short window, with
+# no load balancer to leave first.
 drain_window_secs = 2
+lb_grace_secs = 0
 "#,
         admin = opts.admin_addr,
         client = opts.client_addr,

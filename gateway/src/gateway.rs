@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
@@ -89,6 +89,12 @@ pub struct Shared {
     addresses: crate::registry::AddressCounts,
     next_id: AtomicU64,
     draining: AtomicBool,
+    /// Readiness is off (the first drain phase) while clients are still
+    /// accepted and served.
+    leaving: AtomicBool,
+    /// Keys changed in the file since start that only a restart applies
+    /// (as of the last accepted reload).
+    restart_pending: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -140,6 +146,30 @@ impl Shared {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the gateway is leaving its load balancer: readiness answers
+    /// 503, clients are still accepted. True for the whole drain.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Relaxed)
+    }
+
+    /// The systemd status line: counts, and what waits for a restart.
+    pub fn status_text(&self) -> String {
+        let mut status = format!(
+            "{} clients, {} connections",
+            self.clients.len(),
+            self.connections()
+        );
+        let pending = self
+            .restart_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !pending.is_empty() {
+            status.push_str("; restart needed for ");
+            status.push_str(&pending.join(", "));
+        }
+        status
     }
 }
 
@@ -211,6 +241,9 @@ pub struct Gateway {
     link_stop: CancellationToken,
     accept_tasks: Vec<JoinHandle<()>>,
     link_tasks: Vec<JoinHandle<()>>,
+    /// The configuration the gateway started with: what a reload compares
+    /// the file with to name the keys that wait for a restart.
+    running: Config,
 }
 
 impl Gateway {
@@ -265,6 +298,8 @@ impl Gateway {
             addresses: crate::registry::AddressCounts::default(),
             next_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
+            restart_pending: Mutex::default(),
         });
 
         // Bind everything before starting anything, so a bind error leaves nothing running.
@@ -365,6 +400,7 @@ impl Gateway {
             link_stop,
             accept_tasks,
             link_tasks,
+            running: config.clone(),
         })
     }
 
@@ -433,7 +469,6 @@ impl Gateway {
         let mut tls = Vec::new();
         for (ctx, _) in &self.listeners {
             let Some(l) = config.listeners.iter().find(|l| l.name == ctx.name) else {
-                warn!(listener = %ctx.name, "listener removed from config; needs a restart");
                 continue;
             };
             let c =
@@ -443,9 +478,6 @@ impl Gateway {
                         source,
                     }
                 })?;
-            if l.routes != ctx.routes {
-                warn!(listener = %ctx.name, "routes changed; they apply after a restart");
-            }
             tls.push((ctx.clone(), c));
         }
         let settings = Settings::from_config(config)?;
@@ -476,14 +508,59 @@ impl Gateway {
         } else if new < old {
             self.permits.forget_permits(old - new);
         }
-        info!("configuration reloaded");
+        let pending = self.running.restart_only_changes(config);
+        for key in &pending {
+            warn!(key = %key, "changed in the file, but applies only after a restart");
+        }
+        self.shared
+            .metrics
+            .config_restart_pending
+            .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
+        if pending.is_empty() {
+            info!("configuration reloaded");
+        } else {
+            warn!(
+                restart_needed = pending.len(),
+                "configuration reloaded; {} changed key(s) need a restart: {}",
+                pending.len(),
+                pending.join(", ")
+            );
+        }
+        *self
+            .shared
+            .restart_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = pending;
         Ok(())
     }
 
-    /// Drains and stops: stop accepting, close every client with 1001 spread
-    /// over `window` in random order, wait (bounded) for their sessions to
-    /// end, then close the links.
-    pub async fn shutdown(mut self, window: Duration) {
+    /// The systemd status line (see [`Shared::status_text`]).
+    pub fn status_text(&self) -> String {
+        self.shared.status_text()
+    }
+
+    /// Drains and stops with no load-balancer grace: [`Gateway::drain`] with
+    /// a zero grace.
+    pub async fn shutdown(self, window: Duration) {
+        self.drain(Duration::ZERO, window).await;
+    }
+
+    /// Drains and stops in phases: readiness off while still accepting for
+    /// `grace` (the load balancer notices), then stop accepting, close every
+    /// client with 1001 spread over `window` in random order, wait (bounded)
+    /// for their sessions to end, then close the links.
+    pub async fn drain(mut self, grace: Duration, window: Duration) {
+        // Phase 1: readiness off, still accepting, so the load balancer takes
+        // the host out before any connection is refused.
+        self.shared.leaving.store(true, Ordering::Relaxed);
+        if !grace.is_zero() {
+            info!(
+                grace_ms = grace.as_millis() as u64,
+                "leaving the load balancer: /readyz answers 503, still accepting"
+            );
+            tokio::time::sleep(grace).await;
+        }
+        // Phase 2: stop accepting. Phase 3: close clients over the window.
         self.shared.draining.store(true, Ordering::Relaxed);
         self.accept_stop.cancel();
         self.permits.close();

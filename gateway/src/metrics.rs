@@ -108,6 +108,8 @@ pub struct Metrics {
     pub connections: Gauge,
     /// SIGHUP reloads, by result (`ok`, `rejected`).
     pub config_reloads: Family<Labels, Counter>,
+    /// Keys changed in the file that wait for a restart (0 after one).
+    pub config_restart_pending: Gauge,
     /// Always 1; the `version` label carries the build.
     pub build_info: Family<Labels, Gauge>,
     /// Lateness of the probe task: time from ready (woken) to polled.
@@ -174,6 +176,7 @@ impl Metrics {
             clients_max: Gauge::default(),
             connections: Gauge::default(),
             config_reloads: Family::default(),
+            config_restart_pending: Gauge::default(),
             build_info: Family::default(),
             poll_delay: Histogram::new(poll_delay_buckets()),
             runtime_workers: Gauge::default(),
@@ -352,6 +355,11 @@ impl Metrics {
             "config_reloads",
             "SIGHUP reloads, by result",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "config_restart_pending",
+            "Keys changed in the configuration file that apply only after a restart",
+            m.config_restart_pending.clone(),
         );
         r.register(
             "build_info",

@@ -85,7 +85,7 @@ pub async fn serve(gateway: Gateway, config: &Config, signals: Signals) -> Resul
     } = signals;
     // READY=1 first (every listener and the admin endpoint are bound), then
     // the watchdog and status refresh from inside the runtime.
-    systemd::ready("serving");
+    systemd::ready(&gateway.status_text());
     let status_stop = CancellationToken::new();
     tokio::spawn(systemd::watchdog_and_status(
         gateway.shared().clone(),
@@ -93,15 +93,22 @@ pub async fn serve(gateway: Gateway, config: &Config, signals: Signals) -> Resul
     ));
     info!(version = env!("CARGO_PKG_VERSION"), admin = %gateway.admin_addr(), "ready");
 
-    let window = loop {
+    // The drain timings of the latest accepted file: a reload applies them.
+    let (mut grace, mut window) = (config.lb_grace, config.drain_window);
+    let (grace, window) = loop {
         tokio::select! {
-            _ = hup.recv() => reload(&gateway, &config.path),
-            _ = term.recv() => break config.drain_window,
-            _ = int.recv() => break config.drain_window.min(INTERRUPT_DRAIN_WINDOW),
+            _ = hup.recv() => {
+                if let Some(new) = reload(&gateway, &config.path) {
+                    (grace, window) = (new.lb_grace, new.drain_window);
+                }
+            }
+            _ = term.recv() => break (grace, window),
+            // An operator at a terminal wants the prompt back: no grace.
+            _ = int.recv() => break (Duration::ZERO, window.min(INTERRUPT_DRAIN_WINDOW)),
         }
     };
     systemd::stopping();
-    let drain = gateway.shutdown(window);
+    let drain = gateway.drain(grace, window);
     let result = tokio::select! {
         () = drain => Ok(()),
         _ = term.recv() => Err(RunError::Interrupted),
@@ -112,15 +119,20 @@ pub async fn serve(gateway: Gateway, config: &Config, signals: Signals) -> Resul
 }
 
 /// SIGHUP: re-read the file; a bad file is logged and the old config stays.
-fn reload(gateway: &Gateway, path: &Path) {
+/// Returns the new config when it was applied.
+fn reload(gateway: &Gateway, path: &Path) -> Option<Config> {
     systemd::reloading();
     let result = match Config::load(path) {
-        Ok(new) => gateway.reload(&new).map_err(|e| e.to_string()),
+        Ok(new) => gateway
+            .reload(&new)
+            .map(|()| new)
+            .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     if let Err(e) = &result {
         error!(error = %e, "reload rejected; keeping the running configuration");
     }
     gateway.metrics().reloaded(result.is_ok());
-    systemd::ready("serving");
+    systemd::ready(&gateway.status_text());
+    result.ok()
 }

@@ -49,11 +49,7 @@ pub async fn watchdog_and_status(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let status = format!(
-            "{} clients, {} connections",
-            shared.clients.len(),
-            shared.connections()
-        );
+        let status = shared.status_text();
         if watchdog.is_some() {
             send(&[NotifyState::Watchdog, NotifyState::Status(&status)]);
         } else {

@@ -110,9 +110,14 @@ struct Running {
 }
 
 impl Running {
-    /// Starts `edgegate run` with `drain_window_secs` and waits until its
-    /// links are up.
+    /// Starts `edgegate run` with `drain_window_secs` (and no load-balancer
+    /// grace) and waits until its links are up.
     async fn start(tag: &str, drain_window_secs: u64) -> Self {
+        Self::start_with_grace(tag, drain_window_secs, 0).await
+    }
+
+    /// As [`Running::start`], with `lb_grace_secs`.
+    async fn start_with_grace(tag: &str, drain_window_secs: u64, lb_grace_secs: u64) -> Self {
         let dir = std::env::temp_dir().join(format!("edgegate-drain-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (cert, key) = edgegate::tls::self_signed().unwrap();
@@ -131,7 +136,7 @@ impl Running {
         config.bind = format!("127.0.0.1:{port}");
         config.admin = format!("127.0.0.1:{admin_port}");
         config.after = format!(
-            "[limits]\nmax_clients = 5000\n[drain]\ndrain_window_secs = {drain_window_secs}\n"
+            "[limits]\nmax_clients = 5000\n[drain]\ndrain_window_secs = {drain_window_secs}\nlb_grace_secs = {lb_grace_secs}\n"
         );
         let config = config.toml();
         let config_path = dir.join("edgegate.toml");
@@ -320,4 +325,80 @@ async fn the_demo_drains_on_sigterm_like_run_and_exits_0() {
     assert_eq!(close.map(|(code, _)| code), Some(1001));
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     assert!(!dir.exists(), "the demo removes its files on exit");
+}
+
+/// Sends one text message and waits for the echo, on a fresh client.
+async fn echo_once(addr: SocketAddr, tls: &tokio_rustls::TlsConnector) -> bool {
+    use futures_util::SinkExt;
+    let Ok(tcp) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    let Ok(stream) = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+    else {
+        return false;
+    };
+    let req = format!("wss://localhost:{}/echo", addr.port())
+        .into_client_request()
+        .unwrap();
+    let Ok((mut ws, _)) = tokio_tungstenite::client_async(req, stream).await else {
+        return false;
+    };
+    if ws.send(Message::text("during grace")).await.is_err() {
+        return false;
+    }
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    matches!(reply, Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "during grace")
+}
+
+/// The drain's first phase: readiness answers 503 while new clients are
+/// still accepted and served for `lb_grace_secs`; only then are connections
+/// refused, and every client, old or new, gets 1001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_lb_grace_readiness_is_503_and_new_clients_are_still_served() {
+    let gw = Running::start_with_grace("grace", 1, 3).await;
+    let tls = connector(&gw.cert);
+    let before = client(gw.addr, tls.clone()).await;
+    let sent = Instant::now();
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        wait_admin(gw.admin, "/readyz", 503, Duration::from_secs(2)).await,
+        "readiness turns off at once"
+    );
+    assert!(
+        echo_once(gw.addr, &tls).await,
+        "a new client is accepted and served during the grace"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "the grace check ran inside the grace ({:?})",
+        sent.elapsed()
+    );
+    let during = client(gw.addr, tls.clone()).await;
+    // After the grace the listeners close: connecting is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refused = false;
+    while Instant::now() < deadline {
+        if TcpStream::connect(gw.addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the listener closes after the grace");
+    assert!(
+        sent.elapsed() >= Duration::from_secs(3),
+        "connections were refused before the grace ended ({:?})",
+        sent.elapsed()
+    );
+    for w in [before, during] {
+        let got = tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("a close within the window")
+            .unwrap();
+        assert_eq!(got.map(|(code, _)| code), Some(1001));
+    }
+    let status = gw.exit_status().await;
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }

@@ -58,7 +58,7 @@ fn config_text(dir: &Path, service: std::net::SocketAddr, max_clients: usize) ->
         "reconnect_min_ms = 20".into(),
         "reconnect_max_ms = 200".into(),
     ];
-    g.after = format!("[limits]\nmax_clients = {max_clients}\n\n[drain]\ndrain_window_secs = 1\n");
+    g.after = format!("[limits]\nmax_clients = {max_clients}\n\n[drain]\ndrain_window_secs = 1\nlb_grace_secs = 0\n");
     g.toml()
 }
 
@@ -329,6 +329,74 @@ async fn notify_sequence_is_ready_watchdog_status_reloading_ready_stopping_and_e
 
     gw.signal(Signal::SIGTERM);
     gw.expect("STOPPING=1").await;
+    assert_eq!(gw.exit_code().await, Some(0), "log:\n{}", gw.log_text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_reload_names_every_key_that_needs_a_restart_until_the_file_is_back() {
+    let service = Service::start().await;
+    let dir = temp_dir("restart-only");
+    write_cert(&dir);
+    let config = dir.join("edgegate.toml");
+    let original = config_text(&dir, service.addr, 1000);
+    std::fs::write(&config, &original).unwrap();
+    // With a watchdog, STATUS= is refreshed with every WATCHDOG=1.
+    let mut gw = Gateway::spawn(&dir, &config, Some(1_000_000));
+    gw.expect("READY=1").await;
+    let admin = gw.logged_addr("admin endpoint listening").await;
+
+    // A live key (max_clients) beside two that only a restart applies.
+    let changed = original
+        .replace("backlog = 128", "backlog = 64")
+        .replace(&service.addr.to_string(), "127.0.0.1:9")
+        .replace("max_clients = 1000", "max_clients = 900");
+    assert_ne!(changed, original);
+    std::fs::write(&config, &changed).unwrap();
+    gw.signal(Signal::SIGHUP);
+    gw.expect("RELOADING=1").await;
+    let ready = gw.expect("READY=1").await;
+    let status = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .expect("STATUS= with READY=1")
+        .to_owned();
+    assert!(
+        status.contains("restart needed for listener.public.backlog, service.example.addresses"),
+        "{status}"
+    );
+    assert_eq!(
+        admin_metric(admin, "edgegate_config_restart_pending").await,
+        Some(2.0)
+    );
+    assert_eq!(
+        admin_metric(admin, "edgegate_clients_max").await,
+        Some(900.0)
+    );
+    let log = gw.log_text();
+    for key in ["listener.public.backlog", "service.example.addresses"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("applies only after a restart") && l.contains(key)),
+            "{key} not logged:\n{log}"
+        );
+    }
+    // The periodic status keeps saying it.
+    let refreshed = gw.expect("WATCHDOG=1").await;
+    assert!(refreshed.contains("restart needed"), "{refreshed}");
+
+    // The file back as it was: nothing waits for a restart any more.
+    std::fs::write(&config, &original).unwrap();
+    gw.signal(Signal::SIGHUP);
+    gw.expect("RELOADING=1").await;
+    let ready = gw.expect("READY=1").await;
+    assert!(!ready.contains("restart needed"), "{ready}");
+    assert_eq!(
+        admin_metric(admin, "edgegate_config_restart_pending").await,
+        Some(0.0)
+    );
+
+    gw.signal(Signal::SIGTERM);
     assert_eq!(gw.exit_code().await, Some(0), "log:\n{}", gw.log_text());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -226,6 +226,8 @@ MAX_CLIENTS=1200000
 FD_HEADROOM=65536
 CLIENT_BYTES=4096
 DRAIN_SECS=45
+GRACE_SECS=10   # the role's default edgegate_lb_grace_secs
+STOP_SECS=$((GRACE_SECS + DRAIN_SECS + 60))
 INVENTORY=$WORK/inventory.yml
 cat >"$INVENTORY" <<EOF
 all:
@@ -311,6 +313,7 @@ check "config is templated (Ansible managed)" grep -q 'Ansible managed' "$CONFIG
 check "config is 0640 root:edgegate" test "$(mode_of "$CONFIG")" = "640 root:edgegate"
 check "config has max_clients = $MAX_CLIENTS" grep -qx "max_clients = $MAX_CLIENTS" "$CONFIG"
 check "config has drain_window_secs = $DRAIN_SECS" grep -qx "drain_window_secs = $DRAIN_SECS" "$CONFIG"
+check "config has lb_grace_secs = $GRACE_SECS" grep -qx "lb_grace_secs = $GRACE_SECS" "$CONFIG"
 check "config has both listeners on the installed certificate" \
     test "$(grep -c '^tls_cert_path = "/etc/edgegate/tls/edge.crt"' "$CONFIG")" -eq 2
 check "config passes edgegate check-config in the root" \
@@ -357,8 +360,8 @@ check "this machine's kernel was not touched (fs.nr_open still $HOST_NR_OPEN)" \
 DROPIN=$ROOT/etc/systemd/system/edgegate.service.d/override.conf
 check "drop-in in place" test -f "$DROPIN"
 check "drop-in LimitNOFILE = clients + headroom = $NOFILE" grep -qx "LimitNOFILE=$NOFILE" "$DROPIN"
-check "drop-in TimeoutStopSec ($((DRAIN_SECS + 60))) outlasts the drain window ($DRAIN_SECS)" \
-    grep -qx "TimeoutStopSec=$((DRAIN_SECS + 60))" "$DROPIN"
+check "drop-in TimeoutStopSec ($STOP_SECS) outlasts the LB grace and the drain window ($GRACE_SECS + $DRAIN_SECS)" \
+    grep -qx "TimeoutStopSec=$STOP_SECS" "$DROPIN"
 check "edgegate.service enabled at boot" test -L "$ROOT/etc/systemd/system/multi-user.target.wants/edgegate.service"
 
 # ---------------------------------------------------------------------------
@@ -428,7 +431,7 @@ if repack "$V1" && repack "$V2"; then
     rc=$?
     check "rollout upgrade succeeds: $(recap "$WORK/drain.log")" test "$rc" -eq 0
     check "drain announced with the drain window and stop timeout" \
-        grep -q "Draining debian12-root for upgrade $V1 -> $V2: SIGTERM closes clients with 1001 spread over $DRAIN_SECS s (TimeoutStopSec $((DRAIN_SECS + 60)) s)" "$WORK/drain.log"
+        grep -q "Draining debian12-root for upgrade $V1 -> $V2: /readyz answers 503 while still accepting for $GRACE_SECS s, then SIGTERM's drain closes clients with 1001 spread over $DRAIN_SECS s (TimeoutStopSec $STOP_SECS s)" "$WORK/drain.log"
     order() {
         local drain install
         drain=$(grep -n 'TASK \[edgegate : Drain edgegate' "$WORK/drain.log" | head -n 1 | cut -d: -f1)

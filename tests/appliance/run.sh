@@ -436,6 +436,7 @@ awk -v client="127.0.0.1:$CLIENT_PORT" -v admin="127.0.0.1:$ADMIN_PORT" \
     section == "[runtime]" && /^worker_threads *=/ { print "worker_threads = 1"; next }
     section == "[limits]" && /^max_clients *=/ { print "max_clients = 1000"; next }
     section == "[drain]" && /^drain_window_secs *=/ { print "drain_window_secs = 2"; next }
+    section == "[drain]" && /^lb_grace_secs *=/ { print "lb_grace_secs = 0"; next }
     { print }' "$ROOT/etc/edgegate/edgegate.toml" >"$ROOT$T/edgegate.toml"
 check "edgegate check-config accepts the test config" \
     in_root_as_edgegate /usr/bin/edgegate check-config --config $T/edgegate.toml

@@ -312,7 +312,7 @@ impl GatewayBuilder {
         }
         let _ = writeln!(
             after,
-            "[drain]\ndrain_window_secs = {}",
+            "[drain]\nlb_grace_secs = 0\ndrain_window_secs = {}",
             self.drain_window_secs
         );
         g.after = after;

@@ -597,8 +597,12 @@ async fn sighup_and_sigterm_under_load_reload_without_dropping_anyone_then_drain
         listener,
         stop.clone(),
     ));
-    let mut gw =
-        GatewayProcess::start(service_addr, None, "[drain]\ndrain_window_secs = 2\n").await;
+    let mut gw = GatewayProcess::start(
+        service_addr,
+        None,
+        "[drain]\ndrain_window_secs = 2\nlb_grace_secs = 0\n",
+    )
+    .await;
 
     // Every client sends a numbered message every 100 ms and checks its echoes in order.
     let mut tasks = Vec::new();
