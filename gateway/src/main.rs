@@ -58,11 +58,20 @@ enum Command {
         #[arg(long, default_value = edgegate::config::DEFAULT_ADMIN_BIND)]
         admin: SocketAddr,
     },
-    /// Compare this host's limits and kernel settings with what the config needs.
+    /// Compare this host's limits and kernel settings with what the config
+    /// needs (--check), or write this host's memory-dependent kernel settings
+    /// (--write).
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["check", "write"])))]
     Tune {
         /// Check and report (one line per problem); exit 1 on a fatal one.
-        #[arg(long, required = true)]
+        #[arg(long)]
         check: bool,
+        /// Write net.ipv4.tcp_mem computed from this host's MemTotal to PATH
+        /// (default /etc/sysctl.d/70-edgegate-host.conf; `-` = stdout). Apply
+        /// with `systemctl restart systemd-sysctl`.
+        #[arg(long, value_name = "PATH", num_args = 0..=1,
+              default_missing_value = edgegate::preflight::HOST_SYSCTL_PATH)]
+        write: Option<PathBuf>,
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
@@ -118,12 +127,46 @@ fn tune_check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `edgegate tune --write PATH`: the host's sysctl file, from MemTotal.
+fn tune_write(path: &std::path::Path) -> ExitCode {
+    let Some(mem) = edgegate::preflight::mem_total_bytes() else {
+        eprintln!("edgegate: cannot read MemTotal from /proc/meminfo");
+        return ExitCode::from(EX_SOFTWARE);
+    };
+    let text = edgegate::preflight::host_sysctl_file(mem, edgegate::preflight::page_size());
+    if path.as_os_str() == "-" {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    // Written whole, then renamed: systemd-sysctl never reads half a file.
+    let tmp = path.with_extension("conf.tmp");
+    let written = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, path));
+    match written {
+        Ok(()) => {
+            print!("{text}");
+            println!(
+                "wrote {}; apply it with: systemctl restart systemd-sysctl",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            eprintln!("edgegate: cannot write {}: {e}", path.display());
+            ExitCode::from(EX_SOFTWARE)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // This binary's global allocator is jemalloc: its statistics are the heap's.
     edgegate::process::enable_jemalloc_stats();
     let cli = Cli::parse();
     match cli.command {
-        Command::Tune { check: _, config } => tune_check(&config),
+        Command::Tune {
+            write: Some(path), ..
+        } => tune_write(&path),
+        Command::Tune { config, .. } => tune_check(&config),
         Command::CheckConfig { config } => match Config::load(&config)
             .map_err(|e| e.to_string())
             .and_then(|c| {

@@ -12,6 +12,7 @@
 //! | `fs.file-max` | ≥ the same (system-wide) | warning |
 //! | `net.core.somaxconn` | ≥ each listener's backlog (the kernel caps it silently) | warning |
 //! | `net.ipv4.tcp_mem` | max ≥ max_clients × [`TCP_PAGES_PER_CLIENT`] | warning |
+//! | `net.ipv4.tcp_mem` | max ≤ [`TCP_MEM_MAX_PERCENT_LIMIT`] % of MemTotal | warning |
 //! | `nf_conntrack_max` (module loaded) | ≥ max_clients + links | warning |
 //! | `ip_local_port_range` | ≥ links to one address; listener and admin ports outside it or reserved | warning |
 //!
@@ -33,6 +34,47 @@ use crate::runtime::{NofileLimit, RESERVED_FDS};
 /// `tcp_mem`; an idle client costs none. A publish to every client therefore
 /// needs about `max_clients` pages at once.
 pub const TCP_PAGES_PER_CLIENT: u64 = 1;
+
+/// `edgegate tune --write`: `tcp_mem` as percentages of MemTotal (min,
+/// pressure, max), the same defaults as the Ansible role's
+/// `edgegate_host_tcp_mem_*_percent`. The kernel's own default is about
+/// 4.7 / 6.25 / 9.4 % (RAM / 16 around the pressure value): too little for a
+/// fan-out to millions, while a fixed big-host value (the package once
+/// shipped 16/24/32 GiB) is more than a small host has.
+pub const TCP_MEM_PERCENT: [u64; 3] = [20, 30, 40];
+/// Above this share of MemTotal, `tcp_mem` max promises socket memory the
+/// host cannot back: the OOM killer acts before TCP's own limit does.
+pub const TCP_MEM_MAX_PERCENT_LIMIT: u64 = 60;
+/// Where `edgegate tune --write` puts the host's file (after the package's
+/// `/usr/lib/sysctl.d/60-edgegate.conf`, so it wins).
+pub const HOST_SYSCTL_PATH: &str = "/etc/sysctl.d/70-edgegate-host.conf";
+
+/// The host-specific sysctl file: `tcp_mem` from this host's memory.
+pub fn host_sysctl_file(mem_total_bytes: u64, page_bytes: u64) -> String {
+    let page_bytes = page_bytes.max(1);
+    let pages = TCP_MEM_PERCENT.map(|p| mem_total_bytes / 100 * p / page_bytes);
+    let gib = |pages: u64| (pages * page_bytes) as f64 / f64::from(1u32 << 30);
+    format!(
+        "# Written by `edgegate tune --write` from this host's memory; rerun it\n\
+         # after a memory change. Overrides /usr/lib/sysctl.d/60-edgegate.conf.\n\
+         # MemTotal {:.1} GiB, page {page_bytes} B.\n\
+         #\n\
+         # Socket memory for all TCP (pages): {}/{}/{} % of MemTotal\n\
+         # = {:.1} / {:.1} / {:.1} GiB. An idle client costs none; a publish to\n\
+         # every client costs about one page each while it is queued.\n\
+         net.ipv4.tcp_mem = {} {} {}\n",
+        mem_total_bytes as f64 / f64::from(1u32 << 30),
+        TCP_MEM_PERCENT[0],
+        TCP_MEM_PERCENT[1],
+        TCP_MEM_PERCENT[2],
+        gib(pages[0]),
+        gib(pages[1]),
+        gib(pages[2]),
+        pages[0],
+        pages[1],
+        pages[2],
+    )
+}
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -83,6 +125,10 @@ pub struct Host {
     pub somaxconn: Option<u64>,
     /// `net.ipv4.tcp_mem`: min, pressure, max, in pages.
     pub tcp_mem: Option<[u64; 3]>,
+    /// `MemTotal` from `/proc/meminfo`, bytes.
+    pub mem_total: Option<u64>,
+    /// The page size `tcp_mem` is counted in, bytes.
+    pub page_size: u64,
     /// `None` when `nf_conntrack` is not loaded.
     pub conntrack_max: Option<u64>,
     pub port_range: Option<(u16, u16)>,
@@ -112,6 +158,8 @@ impl Host {
             file_max: sysctl_u64("fs/file-max"),
             somaxconn: sysctl_u64("net/core/somaxconn"),
             tcp_mem,
+            mem_total: mem_total_bytes(),
+            page_size: page_size(),
             conntrack_max: sysctl_u64("net/netfilter/nf_conntrack_max"),
             port_range,
             reserved_ports: sysctl("net/ipv4/ip_local_reserved_ports")
@@ -196,6 +244,29 @@ fn parse_unit_nofile(text: &str) -> Option<NofileLimit> {
         soft: soft.unwrap_or(hard),
         hard,
     })
+}
+
+/// `MemTotal` of `/proc/meminfo` in bytes.
+pub fn mem_total_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// The system page size (4096 where it cannot be read).
+pub fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|p| u64::try_from(p).ok())
+        .unwrap_or(4096)
 }
 
 fn sysctl(key: &str) -> Option<String> {
@@ -305,8 +376,23 @@ pub fn check(config: &Config, host: &Host) -> Vec<Finding> {
     }
     if let Some([_, pressure, max]) = host.tcp_mem {
         let pages = max_clients * TCP_PAGES_PER_CLIENT;
-        let gib = |p: u64| p as f64 * 4096.0 / f64::from(1u32 << 30);
-        if max < pages {
+        let gib = |p: u64| p as f64 * host.page_size as f64 / f64::from(1u32 << 30);
+        let too_big = host.mem_total.filter(|&mem| {
+            max.saturating_mul(host.page_size) / TCP_MEM_MAX_PERCENT_LIMIT * 100 > mem
+        });
+        if let Some(mem) = too_big {
+            add(
+                Severity::Warning,
+                "tcp_mem",
+                format!(
+                    "net.ipv4.tcp_mem max is {max} pages ({:.1} GiB), more than {TCP_MEM_MAX_PERCENT_LIMIT} % of this host's {:.1} GiB: \
+                     under a fan-out the OOM killer acts before TCP's limit does; write {HOST_SYSCTL_PATH} for this host's memory with \
+                     `edgegate tune --write` and apply it (`systemctl restart systemd-sysctl`)",
+                    gib(max),
+                    mem as f64 / f64::from(1u32 << 30)
+                ),
+            );
+        } else if max < pages {
             add(
                 Severity::Warning,
                 "tcp_mem",
@@ -442,10 +528,40 @@ mod tests {
             file_max: Some(8_388_608),
             somaxconn: Some(65_535),
             tcp_mem: Some([1_000_000, 4_000_000, 8_000_000]),
+            mem_total: Some(128 << 30),
+            page_size: 4096,
             conntrack_max: None,
             port_range: Some((32_768, 60_999)),
             reserved_ports: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_tcp_mem_bigger_than_the_host_is_a_warning_that_names_tune_write() {
+        // The package's old fixed value (32 GiB max) on a 3 GiB VM.
+        let host = Host {
+            tcp_mem: Some([4_194_304, 6_291_456, 8_388_608]),
+            mem_total: Some(3 << 30),
+            ..roomy()
+        };
+        let f = check(&config(100_000, 1024, "0.0.0.0:8443"), &host);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!((f[0].check, f[0].severity), ("tcp_mem", Severity::Warning));
+        assert!(f[0].message.contains("edgegate tune --write"), "{}", f[0]);
+        // What tune --write computes for that host passes.
+        let written = host_sysctl_file(3 << 30, 4096);
+        let line = written
+            .lines()
+            .find_map(|l| l.strip_prefix("net.ipv4.tcp_mem = "))
+            .expect("a tcp_mem line");
+        let pages: Vec<u64> = line.split(' ').map(|v| v.parse().unwrap()).collect();
+        let host = Host {
+            tcp_mem: Some(<[u64; 3]>::try_from(pages.clone()).unwrap()),
+            ..host
+        };
+        assert_eq!(check(&config(100_000, 1024, "0.0.0.0:8443"), &host), vec![]);
+        // 20/30/40 % of 3 GiB in 4 KiB pages.
+        assert_eq!(pages, [157_286, 235_929, 314_572]);
     }
 
     #[test]
@@ -483,6 +599,8 @@ mod tests {
             file_max: Some(100_000),
             somaxconn: Some(4096),
             tcp_mem: Some([10, 20, 30]),
+            mem_total: Some(128 << 30),
+            page_size: 4096,
             conntrack_max: Some(65_536),
             port_range: Some((1024, 65_000)),
             reserved_ports: parse_port_list("7611"),

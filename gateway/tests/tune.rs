@@ -123,3 +123,50 @@ fn tune_check_with_a_broken_config_exits_78() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/edgegate.toml"));
 }
+
+#[test]
+fn tune_write_puts_tcp_mem_for_this_hosts_memory_in_the_file() {
+    let dir = std::env::temp_dir().join(format!("edgegate-tune-write-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("70-edgegate-host.conf");
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["tune", "--write"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let pages: Vec<u64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("net.ipv4.tcp_mem = "))
+        .expect("a tcp_mem line")
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // 20/30/40 % of this machine's MemTotal, in pages.
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    let page = edgegate::preflight::page_size();
+    let want: Vec<u64> = [20, 30, 40]
+        .iter()
+        .map(|p| mem_kib * 1024 / 100 * p / page)
+        .collect();
+    assert_eq!(pages, want, "{text}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("systemctl restart systemd-sysctl"));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Neither --check nor --write: a usage error, not a silent no-op.
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .arg("tune")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
