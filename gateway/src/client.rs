@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use edgegate_link::proto::{ClientId, Frame, Kind};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::OwnedSemaphorePermit;
@@ -278,46 +279,253 @@ async fn tls_phase(
     Some(Box::new(tls))
 }
 
+/// Longest request head read before the upgrade is refused with 431.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Most request headers accepted (tungstenite's own limit).
+const MAX_REQUEST_HEADERS: usize = 124;
+
+/// An HTTP answer instead of an upgrade, and the phase it counts against.
+struct Refusal {
+    /// Boxed: a refusal is the rare path, and keeps `Result`s small.
+    response: Box<ErrorResponse>,
+    phase: Phase,
+}
+
+impl Refusal {
+    fn upgrade(status: StatusCode, body: &str) -> Self {
+        Refusal {
+            response: Box::new(http_error(status, body)),
+            phase: Phase::Upgrade,
+        }
+    }
+
+    fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
+        self.response
+            .headers_mut()
+            .insert(name, header::HeaderValue::from_static(value));
+        self
+    }
+}
+
+/// Why the upgrade did not happen.
+enum NoUpgrade {
+    /// Answered with an HTTP error (a browser, a balancer's check, a bad client).
+    Refused(Refusal),
+    /// The connection failed or ended before a whole request arrived.
+    Gone,
+}
+
 /// HTTP upgrade with routing, Origin and token checks, bounded by
-/// `upgrade_timeout_secs`. The error names the phase that refused.
+/// `upgrade_timeout_secs`. The request head is read and judged here, so
+/// anything that is not a WebSocket upgrade gets an HTTP answer like a web
+/// server's (`400`, `404`, `405`, `426`, `431`, `401`/`403` from auth, each
+/// with a short body and `Connection: close`) instead of a reset; the
+/// handshake itself (`create_response`) and the frame codec are
+/// tungstenite's. The error names the phase that refused.
 async fn upgrade_phase(
-    tls: ClientTls,
+    mut tls: ClientTls,
     ctx: &ListenerCtx,
     settings: &Settings,
 ) -> Result<(ClientWs, Admission), Phase> {
-    let mut admission = None;
-    let mut auth_error = None;
-    let upgraded = {
-        #[allow(clippy::result_large_err)]
-        let callback = |req: &Request, resp: Response| {
-            admit(req, resp, ctx, settings, &mut admission, &mut auth_error)
-        };
-        timeout(
-            settings.limits.upgrade_timeout,
-            tokio_tungstenite::accept_hdr_async_with_config(
+    let opened = timeout(settings.limits.upgrade_timeout, async {
+        let (request, rest) = read_request(&mut tls).await?;
+        let (response, admission) = judge(&request, ctx, settings).map_err(NoUpgrade::Refused)?;
+        let mut head = Vec::with_capacity(160);
+        tokio_tungstenite::tungstenite::handshake::server::write_response(&mut head, &response)
+            .map_err(|_| NoUpgrade::Gone)?;
+        tls.write_all(&head).await.map_err(|_| NoUpgrade::Gone)?;
+        tls.flush().await.map_err(|_| NoUpgrade::Gone)?;
+        Ok::<_, NoUpgrade>((admission, rest))
+    })
+    .await;
+    match opened {
+        Ok(Ok((admission, rest))) => {
+            // Bytes the client sent after its request are its first frames.
+            let ws = tokio_tungstenite::WebSocketStream::from_partially_read(
                 *tls,
-                callback,
+                rest,
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
                 Some(settings.ws_config),
-            ),
-        )
-        .await
-    };
-    match upgraded {
-        Ok(Ok(ws)) => admission.map(|a| (Box::new(ws), a)).ok_or(Phase::Upgrade),
-        Ok(Err(e)) => {
-            let phase = if auth_error.is_some() {
-                Phase::Auth
-            } else {
-                Phase::Upgrade
-            };
-            debug!(error = %e, phase = phase.as_str(), "upgrade refused");
-            Err(phase)
+            )
+            .await;
+            Ok((Box::new(ws), admission))
+        }
+        Ok(Err(NoUpgrade::Refused(refusal))) => {
+            debug!(status = %refusal.response.status(), phase = refusal.phase.as_str(), "upgrade refused");
+            let _ = timeout(CLOSE_TIMEOUT, answer(&mut tls, &refusal.response)).await;
+            Err(refusal.phase)
+        }
+        Ok(Err(NoUpgrade::Gone)) => {
+            debug!("connection ended before a whole request");
+            Err(Phase::Upgrade)
         }
         Err(_) => {
             debug!("upgrade timed out");
             Err(Phase::Upgrade)
         }
     }
+}
+
+/// Reads one request head (up to [`MAX_REQUEST_HEAD`]); returns it parsed,
+/// and the bytes that followed it.
+async fn read_request(tls: &mut ClientTls) -> Result<(Request, Vec<u8>), NoUpgrade> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let request = to_http_request(&parsed)?;
+                return Ok((request, buf.split_off(len)));
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(NoUpgrade::Refused(Refusal::upgrade(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "too many request headers",
+                )))
+            }
+            Err(_) => {
+                return Err(NoUpgrade::Refused(Refusal::upgrade(
+                    StatusCode::BAD_REQUEST,
+                    "malformed HTTP request",
+                )))
+            }
+        }
+        if buf.len() >= MAX_REQUEST_HEAD {
+            return Err(NoUpgrade::Refused(Refusal::upgrade(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request head over 64 KiB",
+            )));
+        }
+        buf.reserve(1024.min(MAX_REQUEST_HEAD - buf.len()));
+        match tls.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Err(NoUpgrade::Gone),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn to_http_request(parsed: &httparse::Request<'_, '_>) -> Result<Request, NoUpgrade> {
+    let bad = || {
+        NoUpgrade::Refused(Refusal::upgrade(
+            StatusCode::BAD_REQUEST,
+            "malformed HTTP request",
+        ))
+    };
+    let version = match parsed.version {
+        Some(1) => tokio_tungstenite::tungstenite::http::Version::HTTP_11,
+        _ => {
+            return Err(NoUpgrade::Refused(Refusal::upgrade(
+                StatusCode::BAD_REQUEST,
+                "a WebSocket upgrade needs HTTP/1.1",
+            )))
+        }
+    };
+    let mut request = Request::builder()
+        .method(parsed.method.ok_or_else(bad)?)
+        .uri(parsed.path.ok_or_else(bad)?)
+        .version(version);
+    for h in parsed.headers.iter() {
+        request = request.header(h.name, h.value);
+    }
+    request.body(()).map_err(|_| bad())
+}
+
+/// Route, method, upgrade headers, Origin, token: the 101 response and the
+/// admission, or the HTTP answer that refuses.
+fn judge(
+    request: &Request,
+    ctx: &ListenerCtx,
+    settings: &Settings,
+) -> Result<(Response, Admission), Refusal> {
+    let Some(&service) = ctx.routes.get(request.uri().path()) else {
+        return Err(Refusal::upgrade(
+            StatusCode::NOT_FOUND,
+            "no route for this path",
+        ));
+    };
+    if request.method() != tokio_tungstenite::tungstenite::http::Method::GET {
+        return Err(Refusal::upgrade(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a WebSocket upgrade is a GET",
+        )
+        .with_header(header::ALLOW, "GET"));
+    }
+    let header_has = |name: header::HeaderName, token: &str| {
+        request
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split([',', ' ']).any(|t| t.eq_ignore_ascii_case(token)))
+    };
+    let version_13 = request
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    if !header_has(header::UPGRADE, "websocket") || !version_13 {
+        // RFC 6455 4.2.2: a version the server does not speak gets 426 and
+        // the versions it does.
+        return Err(Refusal::upgrade(
+            StatusCode::UPGRADE_REQUIRED,
+            "this path takes WebSocket (version 13) only",
+        )
+        .with_header(header::UPGRADE, "websocket")
+        .with_header(header::SEC_WEBSOCKET_VERSION, "13"));
+    }
+    let response = tokio_tungstenite::tungstenite::handshake::server::create_response(request)
+        .map_err(|e| {
+            Refusal::upgrade(
+                StatusCode::BAD_REQUEST,
+                &format!("bad upgrade request: {e}"),
+            )
+        })?;
+    let mut admission = None;
+    let mut auth_error = None;
+    match admit(
+        request,
+        response,
+        service,
+        settings,
+        &mut admission,
+        &mut auth_error,
+    ) {
+        Ok(response) => Ok((
+            response,
+            admission.ok_or_else(|| {
+                Refusal::upgrade(StatusCode::INTERNAL_SERVER_ERROR, "no admission")
+            })?,
+        )),
+        Err(response) => Err(Refusal {
+            response: Box::new(response),
+            phase: if auth_error.is_some() {
+                Phase::Auth
+            } else {
+                Phase::Upgrade
+            },
+        }),
+    }
+}
+
+/// Writes an HTTP error answer and closes the TLS session.
+async fn answer(tls: &mut ClientTls, response: &ErrorResponse) -> std::io::Result<()> {
+    let body = response.body().as_deref().unwrap_or("");
+    let mut text = format!(
+        "HTTP/1.1 {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+        response.status(),
+        body.len()
+    );
+    for (name, value) in response.headers() {
+        if let Ok(v) = value.to_str() {
+            text.push_str(&format!("{name}: {v}\r\n"));
+        }
+    }
+    text.push_str("\r\n");
+    text.push_str(body);
+    tls.write_all(text.as_bytes()).await?;
+    tls.flush().await?;
+    tls.shutdown().await
 }
 
 /// The framed protocol's opening: the client's Hello (route and token),
@@ -392,22 +600,20 @@ fn close_message(code: u16, reason: &str) -> Message {
     }))
 }
 
-/// The upgrade callback: route, origin, token. Runs inside tungstenite's
-/// handshake, before the 101 is sent.
-// The error type is tungstenite's callback contract (an HTTP response).
+/// Origin and token, once the route is known. Fills `admission` on success;
+/// on refusal the HTTP answer, with `auth_error` set when the token or
+/// origin was the reason.
+// The error type is tungstenite's (an HTTP response).
 #[allow(clippy::result_large_err)]
 fn admit(
     req: &Request,
     resp: Response,
-    ctx: &ListenerCtx,
+    service: usize,
     settings: &Settings,
     admission: &mut Option<Admission>,
     auth_error: &mut Option<AuthError>,
 ) -> Result<Response, ErrorResponse> {
     let path = req.uri().path();
-    let Some(&service) = ctx.routes.get(path) else {
-        return Err(http_error(StatusCode::NOT_FOUND, "no route for this path"));
-    };
     let header_str =
         |name: header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
     let checked = settings

@@ -607,54 +607,97 @@ async fn malformed_upgrade_requests_are_refused_counted_and_never_reach_the_serv
     let mut service = EventService::start().await;
     let gw = gateway(&service).await;
     let many_headers: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let cases: Vec<(&str, String)> = vec![
-        ("wrong method", upgrade_request("POST", "/echo", "")),
+    // Each gets the answer a web server would give, never a bare reset.
+    let cases: Vec<(&str, String, u16)> = vec![
+        ("wrong method", upgrade_request("POST", "/echo", ""), 405),
         (
             "HTTP/1.0",
             upgrade_request("GET", "/echo", "").replacen("HTTP/1.1", "HTTP/1.0", 1),
+            400,
         ),
         (
             "no Upgrade header",
             upgrade_request("GET", "/echo", "").replace("Upgrade: websocket\r\n", ""),
+            426,
+        ),
+        (
+            "no Connection: Upgrade",
+            upgrade_request("GET", "/echo", "").replace("Connection: Upgrade\r\n", ""),
+            400,
         ),
         (
             "no Sec-WebSocket-Key",
             upgrade_request("GET", "/echo", "")
                 .replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+            400,
         ),
         (
             "Sec-WebSocket-Version 8",
             upgrade_request("GET", "/echo", "").replace("Version: 13", "Version: 8"),
+            426,
         ),
-        ("not HTTP", "\x00\x01\x02 garbage\r\n\r\n".to_string()),
+        ("not HTTP", "\x00\x01\x02 garbage\r\n\r\n".to_string(), 400),
         (
             "200 headers",
             upgrade_request("GET", "/echo", &many_headers),
+            431,
         ),
-        ("unknown route", upgrade_request("GET", "/admin", "")),
+        ("unknown route", upgrade_request("GET", "/admin", ""), 404),
+        (
+            "a browser's plain GET /",
+            "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(),
+            404,
+        ),
+        (
+            "a plain GET on a route",
+            "GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(),
+            426,
+        ),
     ];
     let mut outcomes = Vec::new();
-    for (what, req) in &cases {
+    for (what, req, want) in &cases {
         let mut s = raw_tls(&gw).await;
         s.write_all(req.as_bytes()).await.unwrap();
         let status = read_http_status(&mut s).await;
-        let _ = read_until_closed(&mut s, WAIT).await;
-        assert!(
-            status.is_none_or(|c| (400..500).contains(&c)),
-            "{what}: {status:?}"
-        );
-        outcomes.push(format!(
-            "{what}: {}",
-            status.map_or("closed without a response".into(), |c| format!("HTTP {c}"))
-        ));
+        let (rest, _) = read_until_closed(&mut s, WAIT).await;
+        assert_eq!(status, Some(*want), "{what}");
+        assert!(!rest.is_empty(), "{what}: a short body says why");
+        outcomes.push(format!("{what}: HTTP {want}"));
     }
     println!("{}", outcomes.join("\n"));
-    assert!(outcomes.last().unwrap().ends_with("HTTP 404"));
     settle(&gw, WAIT).await;
     assert_eq!(failures(&gw, "upgrade"), cases.len() as f64);
     let events = drain_events(&mut service).await;
     assert!(
         !events.iter().any(|e| matches!(e, Event::Open { .. })),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn frames_sent_in_the_same_write_as_the_upgrade_request_are_not_lost() {
+    let mut service = EventService::start().await;
+    let gw = gateway(&service).await;
+    let mut s = raw_tls(&gw).await;
+    // The request head and a ping in one write: the gateway reads past the
+    // head, and what it read past is the first frame.
+    let mut bytes = upgrade_request("GET", "/echo", "").into_bytes();
+    bytes.extend(client_frame(OP_PING, b"pipelined"));
+    s.write_all(&bytes).await.unwrap();
+    assert_eq!(read_http_status(&mut s).await, Some(101));
+    // The pong (opcode 0xA, payload echoed) is the first server frame.
+    let mut head = [0u8; 2];
+    tokio::time::timeout(WAIT, s.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head, [0x8a, 9], "a pong of 9 bytes");
+    let mut payload = [0u8; 9];
+    s.read_exact(&mut payload).await.unwrap();
+    assert_eq!(&payload, b"pipelined");
+    let events = drain_events(&mut service).await;
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Open { .. })),
         "{events:?}"
     );
 }
