@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every EdgeGate test: the Rust workspace (unit, integration, CLI, link
 # protocol, load-generator smoke), then the appliance (.deb in a fresh Debian
-# root) and Ansible suites. Must run as root on Debian 12; each suite installs
-# what it needs itself.
+# root), monitoring, TLS scan, Ansible and lab (a Debian 12 VM) suites.
+# Must run as root on Debian 12; each suite installs what it needs itself.
 #
 #   tests/run-all.sh            everything
 #   tests/run-all.sh rust       only the cargo tests (no root needed)
@@ -53,9 +53,8 @@ if [ "$ONLY" = all ]; then
     suite appliance bash tests/appliance/run.sh
     suite monitoring bash tests/monitoring/run.sh
     suite tlsscan bash tests/hostile/tlsscan.sh
-    if [ -x tests/ansible/run.sh ] || [ -f tests/ansible/run.sh ]; then
-        suite ansible bash tests/ansible/run.sh
-    fi
+    suite ansible bash tests/ansible/run.sh
+    suite lab bash tests/lab/run.sh
 fi
 
 echo

@@ -201,48 +201,65 @@ impl Conn {
         Ok(())
     }
 
-    /// The next data message; `None` when the connection closed. WebSocket
-    /// pings are answered inside (tungstenite queues the pong and flushes it
-    /// on this read), control frames are skipped.
+    /// The next data message, or how the connection ended. WebSocket pings
+    /// are answered inside (tungstenite queues the pong and flushes it on
+    /// this read), control frames are skipped.
     ///
     /// # Cancel safety
     /// Cancel-safe: both streams keep partial frames in their buffers.
-    pub async fn recv(&mut self) -> Option<Result<Bytes, BoxError>> {
+    pub async fn recv(&mut self) -> Received {
         match self {
             Conn::Ws(ws) => loop {
-                match ws.next().await? {
-                    Ok(Message::Binary(b)) => return Some(Ok(b)),
-                    Ok(Message::Text(t)) => return Some(Ok(Bytes::copy_from_slice(t.as_ref()))),
-                    Ok(Message::Close(_)) => return None,
-                    Ok(_) => continue,
-                    Err(e) => return Some(Err(e.into())),
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) => return Received::Message(b),
+                    Some(Ok(Message::Text(t))) => {
+                        return Received::Message(Bytes::copy_from_slice(t.as_ref()))
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        return Received::Closed(frame.map(|f| u16::from(f.code)))
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Received::Failed(e.into()),
+                    None => return Received::Closed(None),
                 }
             },
             Conn::Framed(f) => loop {
-                let mut b = match f.next().await? {
-                    Ok(b) => b,
-                    Err(e) => return Some(Err(e.into())),
+                let mut b = match f.next().await {
+                    Some(Ok(b)) => b,
+                    Some(Err(e)) => return Received::Failed(e.into()),
+                    None => return Received::Closed(None),
                 };
                 if b.is_empty() {
-                    return Some(Err("empty frame".into()));
+                    return Received::Failed("empty frame".into());
                 }
                 let kind = b[0];
                 let body = b.split_off(1).freeze();
                 match kind {
-                    frame::TEXT | frame::BINARY => return Some(Ok(body)),
+                    frame::TEXT | frame::BINARY => return Received::Message(body),
                     // Cancel safety: a pong lost to cancellation only costs a
                     // heartbeat; the gateway pings again.
                     frame::PING => {
                         if let Err(e) = f.send(typed_frame(frame::PONG, &body)).await {
-                            return Some(Err(e.into()));
+                            return Received::Failed(e.into());
                         }
                     }
-                    frame::CLOSE => return None,
+                    frame::CLOSE => {
+                        let code = body.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+                        return Received::Closed(code);
+                    }
                     _ => continue,
                 }
             },
         }
     }
+}
+
+/// What [`Conn::recv`] got.
+pub enum Received {
+    Message(Bytes),
+    /// The peer closed, with this close code if it sent one.
+    Closed(Option<u16>),
+    Failed(BoxError),
 }
 
 /// A framed-protocol frame body: type byte + body (the codec adds the length).
@@ -409,6 +426,9 @@ pub struct Shared {
     pub latency: Mutex<Histogram<u64>>,
     /// Payload size of sent messages (at least [`TIMESTAMP_BYTES`]).
     pub payload_bytes: usize,
+    /// Close codes the gateway ended sessions with (0 = no code, or the
+    /// connection ended without a close frame).
+    pub close_codes: Mutex<std::collections::BTreeMap<u16, usize>>,
     /// Up to this many errors are printed to stderr, then only counted.
     errors_printed: AtomicUsize,
 }
@@ -419,8 +439,18 @@ impl Shared {
             counters: Counters::default(),
             latency: Mutex::new(new_histogram()),
             payload_bytes: payload_bytes.max(TIMESTAMP_BYTES),
+            close_codes: Mutex::default(),
             errors_printed: AtomicUsize::new(0),
         }
+    }
+
+    fn note_close(&self, code: u16) {
+        *self
+            .close_codes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(code)
+            .or_default() += 1;
     }
 
     fn note_error(&self, what: &str, e: &dyn std::fmt::Display) {
@@ -635,15 +665,19 @@ async fn session(
                     continue;
                 }
                 msg = conn.recv() => match msg {
-                    Some(Ok(payload)) => {
+                    Received::Message(payload) => {
                         shared.record(&payload);
                         continue;
                     }
-                    Some(Err(e)) => {
+                    Received::Failed(e) => {
                         shared.note_error("read failed", &e);
+                        shared.note_close(0);
                         return SessionEnd::Closed;
                     }
-                    None => return SessionEnd::Closed,
+                    Received::Closed(code) => {
+                        shared.note_close(code.unwrap_or(0));
+                        return SessionEnd::Closed;
+                    }
                 },
             }
         }

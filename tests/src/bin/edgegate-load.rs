@@ -19,7 +19,7 @@
 //! | `report` | latency histogram since the last report, counters; resets the histogram | `{"event":"report",...}` |
 //! | `publish N MS` | the publisher sends N messages, MS milliseconds apart | `{"event":"published"}` |
 //! | `storm` | every connected client drops and reconnects at once; waits until all are back | `{"event":"storm",...}` |
-//! | `stats` | counters | `{"event":"stats",...}` |
+//! | `stats` | counters, and `close_codes`: sessions the gateway closed, by close code | `{"event":"stats",...}` |
 //! | `stop` | closes every client and exits | `{"event":"done",...}` |
 //!
 //! After connecting it prints `{"event":"connected",...}`. It exits on `stop`,
@@ -299,9 +299,20 @@ fn stats(shared: &Shared) -> serde_json::Value {
         "connected": c.connected.load(Ordering::Relaxed),
         "failed": c.failed.load(Ordering::Relaxed),
         "closed": c.closed.load(Ordering::Relaxed),
+        "close_codes": close_codes(shared),
         "reconnected": c.reconnected.load(Ordering::Relaxed),
         "reconnect_failures": c.reconnect_failures.load(Ordering::Relaxed),
     })
+}
+
+/// `{"1001": n, ...}`: how the gateway ended sessions ("0": no close code).
+fn close_codes(shared: &Shared) -> serde_json::Value {
+    let codes = shared.close_codes.lock().unwrap_or_else(|e| e.into_inner());
+    codes
+        .iter()
+        .map(|(code, n)| (code.to_string(), json!(n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 fn emit(v: serde_json::Value) {

@@ -1,0 +1,453 @@
+#!/usr/bin/env bash
+# Lab suite: the edgegate package on a real Debian 12 machine (a QEMU VM with
+# Debian's own 6.1 kernel and systemd as PID 1), installed by apt from a
+# signed local repository, and what an operator does with it: start, echo,
+# journald, metrics, reload with clients, watchdog, stop with 1000 clients,
+# a broken certificate, an upgrade, a purge.
+#
+#   sudo tests/lab/run.sh
+#
+# Runs as root on Debian 12; installs what it needs (qemu from
+# bookworm-backports, debootstrap, cargo-deb). The image is cached in
+# /var/cache/edgegate-lab (tests/lab/lab.sh). If the VM cannot boot the suite
+# fails with the reason; it never skips.
+# Ends with "N passed, M failed" and exits non-zero if any check failed.
+#
+# Environment: see tests/lab/lab.sh; EDGEGATE_LAB_MEM (MiB, default 3072).
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HERE=$REPO/tests/lab
+STARTED=$(date +%s)
+WORK=$(mktemp -d /var/tmp/edgegate-labsuite.XXXXXX)
+LAB_RUN=$WORK/vms
+mkdir -p "$LAB_RUN"
+# shellcheck source=tests/lab/lab.sh
+source "$HERE/lab.sh"
+
+VM=gw
+CLIENT_PORT=8443 # the shipped config's listener
+
+passed=0
+failed=0
+failures=()
+pass() {
+    passed=$((passed + 1))
+    echo "PASS: $1"
+}
+fail() {
+    failed=$((failed + 1))
+    failures+=("$1")
+    echo "FAIL: $1${2:+ ($2)}"
+}
+# check DESCRIPTION COMMAND...: pass when COMMAND exits 0; its output is
+# logged, and shown when it fails.
+check() {
+    local description=$1 out
+    shift
+    if out=$("$@" 2>&1); then
+        pass "$description"
+    else
+        fail "$description"
+        printf '%s\n' "$out" | tail -n 20 | sed 's/^/    /'
+    fi
+    printf '== %s\n%s\n' "$description" "$out" >>"$WORK/checks.log"
+}
+step() {
+    echo
+    echo "=== $* ($(($(date +%s) - STARTED)) s)"
+}
+finish() {
+    echo
+    [ "$failed" -gt 0 ] && printf 'Failed checks:\n' && printf '  - %s\n' "${failures[@]}"
+    echo "lab: boot ${LAB_BOOT_SECS:-?} s; suite $(($(date +%s) - STARTED)) s. Logs: $WORK"
+    echo "$passed passed, $failed failed"
+    [ "$failed" -eq 0 ]
+    exit $?
+}
+# need DESCRIPTION COMMAND...: a check the rest cannot go on without.
+need() {
+    local before=$failed
+    check "$@"
+    [ "$failed" -eq "$before" ] || {
+        echo "cannot go on without: $1"
+        finish
+    }
+}
+cleanup() {
+    lab_cleanup
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+not() { ! "$@"; }
+# In the guest. `g` prints what the command printed; `gq` is quiet.
+g() { lab_ssh "$VM" "$@"; }
+gq() { lab_ssh "$VM" "$@" >/dev/null 2>&1; }
+unit_prop() { g systemctl show -p "$1" --value edgegate; }
+
+# wait_for TIMEOUT_SECS COMMAND...: poll every second until COMMAND succeeds.
+wait_for() {
+    local deadline=$(($(date +%s) + $1))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        [ "$(date +%s)" -lt "$deadline" ] || return 1
+        sleep 1
+    done
+}
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "run.sh: must run as root (debootstrap, apt)" >&2
+    exit 2
+fi
+
+# ---------------------------------------------------------------------------
+step "Tools, image, packages"
+# ---------------------------------------------------------------------------
+need "lab tools installed (qemu-system-x86 from bookworm-backports, debootstrap, gnupg, apt-utils)" lab_tools
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked >"$WORK/cargo-install.log" 2>&1
+# lab_image and lab_boot set variables: run them in this shell, not in check's.
+# direct DESCRIPTION COMMAND...: like need, without a subshell.
+direct() {
+    local description=$1
+    shift
+    if "$@"; then pass "$description"; else fail "$description"; echo "cannot go on without: $description"; finish; fi
+}
+direct "Debian 12 lab image (cached on its inputs)" lab_image
+echo "image: $LAB_IMAGE_DIR"
+
+mkdir -p "$WORK/out" "$WORK/out2"
+build_deb() { (cd "$REPO" && cargo deb -p edgegate --output "$WORK/out/") >"$WORK/cargo-deb.log" 2>&1; }
+need "cargo deb -p edgegate builds" build_deb
+DEB=$(find "$WORK/out" -maxdepth 1 -name 'edgegate_*.deb' | head -n 1)
+VERSION=$(dpkg-deb -f "$DEB" Version)
+# The upgrade: the same tree packaged as a newer version.
+NEW_VERSION=$VERSION+lab1
+build_new_deb() { (cd "$REPO" && cargo deb -p edgegate --no-build --deb-version "$NEW_VERSION" --output "$WORK/out2/") >>"$WORK/cargo-deb.log" 2>&1; }
+need "cargo deb builds the upgrade ($NEW_VERSION)" build_new_deb
+NEW_DEB=$(find "$WORK/out2" -maxdepth 1 -name 'edgegate_*.deb' | head -n 1)
+build_tools() { (cd "$REPO" && cargo build -q -p edgegate-link --example example_service && cargo build -q -p edgegate-tests --bin edgegate-load); }
+need "example service and load generator build" build_tools
+TARGET_DIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+LOAD=$TARGET_DIR/debug/edgegate-load
+
+# A signed apt repository (lab_repo): a throwaway key, apt-ftparchive,
+# InRelease. The guest gets the public key and the repository, and nothing
+# else to install from: ssl-cert (edgegate's dependency) is in it too.
+export GNUPGHOME=$WORK/gnupg
+mkdir -p -m 700 "$GNUPGHOME"
+need "signed local apt repository (edgegate $VERSION, ssl-cert)" lab_repo "$WORK/repo" "$WORK/edgegate-lab.gpg" "$DEB"
+
+openssl_cert() { # NAME: a certificate for localhost/127.0.0.1, its own CA
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj "/CN=localhost/O=edgegate-lab-$1" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$WORK/$1.key" -out "$WORK/$1.pem" 2>/dev/null
+}
+openssl_cert a && openssl_cert b
+printf 'not a certificate\n' >"$WORK/garbage.pem"
+
+# ---------------------------------------------------------------------------
+step "Boot a Debian 12 VM (TCG, ${EDGEGATE_LAB_MEM:-3072} MiB)"
+# ---------------------------------------------------------------------------
+direct "VM boots to ssh" lab_boot "$VM" "${EDGEGATE_LAB_MEM:-3072}" 2 "$CLIENT_PORT"
+echo "boot to ssh: $LAB_BOOT_SECS s"
+HOST_CLIENT_PORT=$(lab_port "$VM" "$CLIENT_PORT")
+guest_is_debian12() {
+    local out
+    out=$(g 'cat /etc/debian_version; uname -r; cat /proc/1/comm')
+    echo "$out"
+    grep -q '^12\.' <<<"$out" && grep -q '^6\.1\.' <<<"$out" && grep -qx systemd <<<"$out"
+}
+check "guest runs Debian 12 on Debian's 6.1 kernel with systemd as PID 1" guest_is_debian12
+g uname -r | sed 's/^/    kernel /'
+
+# ---------------------------------------------------------------------------
+step "1. apt install edgegate from the repository"
+# ---------------------------------------------------------------------------
+check "the repository is the guest's apt source" lab_use_repo "$VM" "$WORK/repo" "$WORK/edgegate-lab.gpg"
+apt_update_signed() {
+    local out
+    out=$(g apt-get update 2>&1)
+    echo "$out"
+    ! grep -qiE 'NO_PUBKEY|not signed|^W:|^E:' <<<"$out"
+}
+check "apt-get update verifies the repository's signature" apt_update_signed
+apt_install() { g 'DEBIAN_FRONTEND=noninteractive apt-get install -y edgegate' >"$WORK/apt-install.log" 2>&1; }
+need "apt-get install edgegate (pulls ssl-cert from the repository)" apt_install
+# shellcheck disable=SC2016  # a dpkg-query format
+installed_version() { g "dpkg-query -W -f='\${Version}' edgegate"; }
+check "installed version is $VERSION" test "$(installed_version)" = "$VERSION"
+unit_ready() {
+    local state sub status
+    state=$(unit_prop ActiveState) sub=$(unit_prop SubState) status=$(unit_prop StatusText)
+    echo "ActiveState=$state SubState=$sub StatusText=$status"
+    [ "$state" = active ] && [ "$sub" = running ] && [ -n "$status" ]
+}
+# Type=notify: active only after READY=1.
+check "edgegate.service active (READY=1 under Type=notify) with a status text" wait_for 60 unit_ready
+unit_ready | sed 's/^/    /'
+check "unit is Type=notify with WatchdogUSec=30s and NotifyAccess=main" \
+    test "$(unit_prop Type) $(unit_prop WatchdogUSec) $(unit_prop NotifyAccess)" = 'notify 30s main'
+g systemd-analyze security --no-pager edgegate >"$WORK/security.txt" 2>&1
+SECURITY=$(sed -n 's/.*Overall exposure level for edgegate.service: \([0-9.]*\).*/\1/p' "$WORK/security.txt")
+check "systemd-analyze security edgegate (running unit): ${SECURITY:-?} <= 2.0" \
+    awk -v s="$SECURITY" 'BEGIN { exit !(s != "" && s + 0 <= 2.0) }'
+sysctls_in_force() {
+    local key want have bad=0
+    while IFS='=' read -r key want; do
+        key=$(echo "$key" | tr -d ' ') want=$(echo "$want" | xargs)
+        case $key in '' | '#'* | -*) continue ;; esac
+        have=$(lab_ssh "$VM" sysctl -n "$key" | xargs)
+        if [ "$have" = "$want" ]; then echo "ok $key = $have"; else echo "DIFFERS $key: file '$want', kernel '$have'"; bad=1; fi
+    done < <(grep -E '^[-a-z]' "$REPO/sysctl/60-edgegate.conf")
+    return $bad
+}
+check "every sysctl of 60-edgegate.conf is in force on the 6.1 kernel" sysctls_in_force
+# The package is safe on a small host: its file does not set memory budgets
+# (it once set tcp_mem to 16/24/32 GiB on every host, 10x this VM's memory).
+tcp_mem_fits() { # tcp_mem max at most 60 % of MemTotal
+    local max mem
+    max=$(g sysctl -n net.ipv4.tcp_mem | awk '{print $3}')
+    mem=$(g "awk '/^MemTotal:/ {printf \"%.0f\", \$2 * 1024}' /proc/meminfo")
+    echo "tcp_mem max $max pages = $((max * 4096 >> 20)) MiB; MemTotal $((mem >> 20)) MiB"
+    [ $((max * 4096 * 100)) -le $((mem * 60)) ]
+}
+check "after install, tcp_mem fits this $((${EDGEGATE_LAB_MEM:-3072} / 1024)) GiB VM (no big-host value from the package)" tcp_mem_fits
+tune_write() {
+    g "edgegate tune --write && systemctl restart systemd-sysctl" &&
+        [ "$(g sysctl -n net.ipv4.tcp_mem | xargs)" = "$(g "sed -n 's/^net.ipv4.tcp_mem = //p' /etc/sysctl.d/70-edgegate-host.conf")" ]
+}
+check "edgegate tune --write computes tcp_mem for this host and systemd-sysctl applies it" tune_write
+check "tcp_mem still fits after tune --write (40 % of MemTotal)" tcp_mem_fits
+no_tcp_mem_warning() { ! g edgegate tune --check | grep tcp_mem; }
+check "tune --check has no tcp_mem finding" no_tcp_mem_warning
+check "edgegate tune --check passes on the installed host" \
+    g edgegate tune --check --config /etc/edgegate/edgegate.toml
+tune_with_small_shell_limit() { g 'ulimit -n 1024; edgegate tune --check' | tee /dev/stderr | grep -q 'edgegate.service'; }
+check "tune --check compares the unit's LimitNOFILE, not the ssh shell's" tune_with_small_shell_limit
+
+# ---------------------------------------------------------------------------
+step "2. Echo through the installed gateway and an example service unit"
+# ---------------------------------------------------------------------------
+lab_put "$VM" "$TARGET_DIR/debug/examples/example_service" /usr/local/bin/edgegate-example-service
+lab_put "$VM" "$HERE/edgegate-example.service" /etc/systemd/system/
+gq systemctl daemon-reload
+check "example service unit starts" g systemctl enable --now edgegate-example.service
+# The operator's edits: a certificate for localhost, a short drain.
+gq mkdir -p /etc/edgegate/tls
+lab_put "$VM" "$WORK/a.pem" /etc/edgegate/tls/cert.pem
+lab_put "$VM" "$WORK/a.key" /etc/edgegate/tls/key.pem
+gq "chown root:edgegate /etc/edgegate/tls/key.pem && chmod 640 /etc/edgegate/tls/key.pem"
+gq "sed -i -e 's|^tls_cert_path = .*|tls_cert_path = \"/etc/edgegate/tls/cert.pem\"|' \
+    -e 's|^tls_key_path = .*|tls_key_path = \"/etc/edgegate/tls/key.pem\"|' \
+    -e 's|^lb_grace_secs = .*|lb_grace_secs = 2|' -e 's|^drain_window_secs = .*|drain_window_secs = 10|' \
+    -e 's|^max_clients = .*|max_clients = 5000|' /etc/edgegate/edgegate.toml"
+check "check-config accepts the edited config" g edgegate check-config --config /etc/edgegate/edgegate.toml
+check "systemctl restart edgegate" g systemctl restart edgegate
+readyz() { g curl -fsS http://127.0.0.1:7611/readyz; }
+check "/readyz answers 200 once the links to the example service are up" wait_for 60 readyz
+echo_round_trip() { # CA: the certificate the gateway serves (a, then b)
+    python3 "$REPO/tests/appliance/ws_client.py" echo 127.0.0.1 "$HOST_CLIENT_PORT" /echo "$WORK/$1.pem" "hello lab" | tee /dev/stderr | grep -qx "echo hello lab"
+}
+check "TLS WebSocket echo from the host through the VM's gateway" echo_round_trip a
+
+# ---------------------------------------------------------------------------
+step "3. journald"
+# ---------------------------------------------------------------------------
+journal_fields() {
+    local j
+    j=$(lab_ssh "$VM" journalctl -u edgegate -o json --no-pager -b)
+    python3 - "$j" <<'EOF'
+import json, sys
+entries = [json.loads(l) for l in sys.argv[1].splitlines() if l.strip()]
+mine = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "edgegate"]
+print(f"{len(entries)} entries, {len(mine)} with SYSLOG_IDENTIFIER=edgegate")
+fields = sorted({k for e in mine for k in e if k.startswith("F_")})
+print("F_ fields:", fields)
+ok = mine and all("PRIORITY" in e for e in mine) and "F_LISTENER" in fields and "F_SERVICE" in fields
+# Native entries, not the stdout stream: the transport says so.
+ok = ok and any(e.get("_TRANSPORT") == "journal" for e in mine)
+sys.exit(0 if ok else 1)
+EOF
+}
+check "journal entries are native with SYSLOG_IDENTIFIER, PRIORITY, F_LISTENER, F_SERVICE" journal_fields
+summary_line() { g journalctl -u edgegate --no-pager -b -g '^summary' | grep -E 'poll_delay_p99_ms=.*clients=.*rss_mib='; }
+check "the summary line appears (every 10 s) with its fields" wait_for 40 summary_line
+
+# ---------------------------------------------------------------------------
+step "4. Admin endpoint on the 6.1 kernel"
+# ---------------------------------------------------------------------------
+g curl -fsS http://127.0.0.1:7611/metrics >"$WORK/metrics.txt" 2>&1
+check "/healthz answers 200" g curl -fsS http://127.0.0.1:7611/healthz
+check "/metrics answers" test -s "$WORK/metrics.txt"
+alert_metrics_exist() {
+    local name missing=0
+    for name in $(grep -ohE 'edgegate_[a-z0-9_]+' "$REPO/monitoring/alerts.yml" | sort -u); do
+        grep -qE "^$name[ {]" "$WORK/metrics.txt" || { echo "missing: $name"; missing=1; }
+    done
+    return $missing
+}
+check "every metric the alert rules use exists on Linux 6.1" alert_metrics_exist
+check "edgegate_process_open_fds is a positive number on 6.1" \
+    awk '$1 == "edgegate_process_open_fds" && $2 > 0 { found = 1 } END { exit !found }' "$WORK/metrics.txt"
+
+# ---------------------------------------------------------------------------
+step "5. Reload with 1000 clients connected"
+# ---------------------------------------------------------------------------
+# The load generator inside the guest, on its loopback from 127.0.1.1-4
+# (through QEMU's user network from the host, a few of 1000 connections
+# stalled in slirp: 25 connects timed out and 5 never saw the drain's close,
+# while the gateway had exited). A transient unit, fed commands through a
+# file, writing JSON lines.
+lab_put "$VM" "$LOAD" /usr/local/bin/edgegate-load
+g "mkdir -p /run/lab && : >/run/lab/load.cmd && systemd-run --quiet --unit=lab-load -p LimitNOFILE=65536 \
+    sh -c 'tail -f /run/lab/load.cmd | /usr/local/bin/edgegate-load --target 127.0.0.1:$CLIENT_PORT --path /echo \
+    --mode idle --clients 1000 --concurrency 20 --sources 127.0.1.1-4 >/run/lab/load.jsonl 2>/run/lab/load.err'"
+load_lines() { g cat /run/lab/load.jsonl; }
+stats_count() { load_lines | grep -c '"stats"'; }
+more_stats() { [ "$(stats_count)" -gt "$1" ]; }
+load_stats() { # asks for and prints the newest stats line
+    local n
+    n=$(stats_count)
+    g "echo stats >>/run/lab/load.cmd"
+    wait_for 20 more_stats "$n"
+    load_lines | grep '"stats"' | tail -n 1
+}
+stat_field() { python3 -c 'import json, sys; v = json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, v))' "$1" "$2"; }
+all_connected() { load_lines | grep '"event":"connected"' | grep -q '"connected":1000,'; }
+check "1000 clients connected (the load generator in the guest)" wait_for 300 all_connected
+load_lines | grep '"connected"' | sed 's/^/    /'
+cert_served() { # prints the organisation of the certificate a new client gets
+    openssl s_client -connect "127.0.0.1:$HOST_CLIENT_PORT" -servername localhost </dev/null 2>/dev/null |
+        openssl x509 -noout -subject 2>/dev/null | grep -o 'edgegate-lab-[a-z]*'
+}
+serves() { [ "$(cert_served)" = "edgegate-lab-$1" ]; }
+check "before the reload new clients get certificate a" serves a
+lab_put "$VM" "$WORK/b.pem" /etc/edgegate/tls/cert.pem
+lab_put "$VM" "$WORK/b.key" /etc/edgegate/tls/key.pem
+MAIN_PID=$(unit_prop MainPID)
+check "systemctl reload edgegate succeeds" g systemctl reload edgegate
+check "after the reload new clients get certificate b" wait_for 10 serves b
+STATS=$(load_stats)
+echo "    $STATS"
+check "no client dropped by the reload (1000 live, 0 closed)" \
+    test "$(stat_field "$STATS" 'live == 1000 and closed == 0')" = True
+check "reload kept the process (MainPID $MAIN_PID)" test "$(unit_prop MainPID)" = "$MAIN_PID"
+# A reload with a broken file must fail where the operator looks.
+gq cp /etc/edgegate/tls/cert.pem /root/cert.good
+lab_put "$VM" "$WORK/garbage.pem" /etc/edgegate/tls/cert.pem
+check "systemctl reload with a garbage certificate fails (non-zero exit)" not g systemctl reload edgegate
+check "after the refused reload the gateway still runs, same PID, serving certificate b" \
+    bash -c "[ '$(unit_prop MainPID)' = '$MAIN_PID' ] && [ '$(cert_served)' = edgegate-lab-b ]"
+gq cp /root/cert.good /etc/edgegate/tls/cert.pem
+
+# ---------------------------------------------------------------------------
+step "7. systemctl stop with 1000 clients"
+# ---------------------------------------------------------------------------
+stop_started=$(date +%s.%N)
+g systemctl stop edgegate
+stop_rc=$?
+STOP_SECS=$(python3 -c "import time; print(round(time.time() - $stop_started, 1))")
+echo "    systemctl stop took $STOP_SECS s (lb grace 2 s + drain window 10 s)"
+check "systemctl stop exits 0" test "$stop_rc" = 0
+check "the gateway exited 0 (Result=success, ExecMainStatus=0)" \
+    test "$(unit_prop Result) $(unit_prop ExecMainStatus)" = 'success 0'
+check "stop took at most grace + window + 8 s of exit and ssh (got $STOP_SECS s)" \
+    python3 -c "import sys; sys.exit(0 if $STOP_SECS <= 20 else 1)"
+all_going_away() {
+    local s
+    s=$(load_stats)
+    echo "$s"
+    [ "$(stat_field "$s" 'close_codes.get("1001", 0)')" = 1000 ]
+}
+check "all 1000 clients got close code 1001" wait_for 20 all_going_away
+g "echo stop >>/run/lab/load.cmd; sleep 1; systemctl stop lab-load" >/dev/null 2>&1
+
+# ---------------------------------------------------------------------------
+step "6. Watchdog"
+# ---------------------------------------------------------------------------
+check "systemctl start edgegate" g systemctl start edgegate
+watchdog_fired() { g journalctl -u edgegate -b --no-pager | grep 'Watchdog timeout'; }
+check "the healthy gateway was never killed by the watchdog on the slow guest CPU" not watchdog_fired
+PID_BEFORE=$(unit_prop MainPID)
+g kill -STOP "$PID_BEFORE"
+wd_started=$(date +%s)
+restarted() {
+    local pid
+    pid=$(unit_prop MainPID)
+    [ "$pid" != 0 ] && [ "$pid" != "$PID_BEFORE" ] && [ "$(unit_prop ActiveState)" = active ]
+}
+# WatchdogSec=30 s, then SIGABRT, RestartSec=5 s, the start: 60 s is ample.
+check "a SIGSTOPped gateway is killed by the watchdog and restarted" wait_for 60 restarted
+WD_SECS=$(($(date +%s) - wd_started))
+echo "    new MainPID $(unit_prop MainPID) after $WD_SECS s"
+check "the journal says it was the watchdog" watchdog_fired
+
+# ---------------------------------------------------------------------------
+step "8. A broken certificate does not crash-loop"
+# ---------------------------------------------------------------------------
+lab_put "$VM" "$WORK/garbage.pem" /etc/edgegate/tls/cert.pem
+gq systemctl reset-failed edgegate
+g systemctl restart edgegate >/dev/null 2>&1
+# Give a loop time to show: RestartSec=5 s, five starts would take ~25 s.
+sleep 20
+stays_failed() {
+    local out
+    out=$(g systemctl show -p NRestarts -p ActiveState -p ExecMainStatus edgegate)
+    echo "$out"
+    grep -qx NRestarts=0 <<<"$out" && grep -qx ActiveState=failed <<<"$out" && grep -qx ExecMainStatus=78 <<<"$out"
+}
+check "the unit stays failed, not restarting (NRestarts=0, ActiveState=failed, exit 78)" stays_failed
+names_cert() { g journalctl -u edgegate -b --no-pager -n 30 | grep -F /etc/edgegate/tls/cert.pem; }
+check "the journal says which certificate is wrong" names_cert
+gq cp /root/cert.good /etc/edgegate/tls/cert.pem
+gq systemctl reset-failed edgegate
+starts_again() { g systemctl start edgegate && [ "$(g systemctl is-active edgegate)" = active ]; }
+check "with the certificate fixed the unit starts again" starts_again
+
+# ---------------------------------------------------------------------------
+step "9. apt upgrade to $NEW_VERSION"
+# ---------------------------------------------------------------------------
+cp "$NEW_DEB" "$WORK/repo/" && lab_repo_index "$WORK/repo"
+lab_put "$VM" "$WORK"/repo/* /srv/edgegate-repo/
+PID_OLD=$(unit_prop MainPID)
+apt_upgrade() {
+    g 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y' >"$WORK/apt-upgrade.log" 2>&1 &&
+        [ "$(installed_version)" = "$NEW_VERSION" ]
+}
+check "apt-get upgrade installs $NEW_VERSION" apt_upgrade
+# docs/install.md: installing a new version does not restart the gateway;
+# the running process keeps the old binary, apt prints a reminder.
+check "the upgrade did not restart the gateway (same MainPID $PID_OLD)" test "$(unit_prop MainPID)" = "$PID_OLD"
+old_binary() { g readlink "/proc/$PID_OLD/exe" | grep '(deleted)'; }
+check "the running process still has the old binary (exe deleted)" old_binary
+check "apt printed that the service was not restarted" grep -q "was NOT restarted" "$WORK/apt-upgrade.log"
+check "the edited configuration survived the upgrade" g "grep -qx 'drain_window_secs = 10' /etc/edgegate/edgegate.toml"
+new_binary() {
+    local pid
+    g systemctl restart edgegate && pid=$(unit_prop MainPID) && [ "$pid" != "$PID_OLD" ] &&
+        ! g readlink "/proc/$pid/exe" | grep deleted
+}
+check "systemctl restart starts the new binary" new_binary
+check "after the upgrade the echo works again" wait_for 60 echo_round_trip b
+
+# ---------------------------------------------------------------------------
+step "10. apt purge"
+# ---------------------------------------------------------------------------
+apt_purge() { g 'DEBIAN_FRONTEND=noninteractive apt-get purge -y edgegate' >"$WORK/apt-purge.log" 2>&1; }
+check "apt-get purge edgegate" apt_purge
+check "no edgegate process is left" not g pgrep -x edgegate
+for f in /usr/bin/edgegate /usr/lib/systemd/system/edgegate.service /usr/lib/sysctl.d/60-edgegate.conf \
+    /usr/lib/sysusers.d/edgegate.conf /etc/edgegate/edgegate.toml /etc/systemd/system/multi-user.target.wants/edgegate.service; do
+    check "purged: $f gone" not g test -e "$f"
+done
+# docs/install.md: purge removes /etc/edgegate unless you added files there;
+# the system user stays; applied kernel settings stay until the next boot.
+kept_certs() { g test -f /etc/edgegate/tls/cert.pem && grep 'kept /etc/edgegate' "$WORK/apt-purge.log"; }
+check "purge keeps the operator's certificates in /etc/edgegate/tls and says so" kept_certs
+check "purge keeps the system user edgegate" g getent passwd edgegate
+check "applied kernel settings stay until the next boot" \
+    test "$(g sysctl -n fs.nr_open)" = "$(sed -n 's/^fs.nr_open *= *//p' "$REPO/sysctl/60-edgegate.conf")"
+
+lab_shutdown "$VM"
+finish
