@@ -223,7 +223,7 @@ no_tcp_mem_warning() { ! g edgegate tune --check | grep tcp_mem; }
 check "tune --check has no tcp_mem finding" no_tcp_mem_warning
 check "edgegate tune --check passes on the installed host" \
     g edgegate tune --check --config /etc/edgegate/edgegate.toml
-tune_with_small_shell_limit() { g 'ulimit -n 1024; edgegate tune --check' | tee /dev/stderr | grep -q 'edgegate.service'; }
+tune_with_small_shell_limit() { g 'ulimit -n 1024; edgegate tune --check' | tee /dev/stderr | grep 'edgegate.service' >/dev/null; }
 check "tune --check compares the unit's LimitNOFILE, not the ssh shell's" tune_with_small_shell_limit
 
 # ---------------------------------------------------------------------------
@@ -247,7 +247,7 @@ check "systemctl restart edgegate" g systemctl restart edgegate
 readyz() { g curl -fsS http://127.0.0.1:7611/readyz; }
 check "/readyz answers 200 once the links to the example service are up" wait_for 60 readyz
 echo_round_trip() { # CA: the certificate the gateway serves (a, then b)
-    python3 "$REPO/tests/appliance/ws_client.py" echo 127.0.0.1 "$HOST_CLIENT_PORT" /echo "$WORK/$1.pem" "hello lab" | tee /dev/stderr | grep -qx "echo hello lab"
+    python3 "$REPO/tests/appliance/ws_client.py" echo 127.0.0.1 "$HOST_CLIENT_PORT" /echo "$WORK/$1.pem" "hello lab" | tee /dev/stderr | grep -x "echo hello lab" >/dev/null
 }
 check "TLS WebSocket echo from the host through the VM's gateway" echo_round_trip a
 
@@ -314,7 +314,7 @@ load_stats() { # asks for and prints the newest stats line
     load_lines | grep '"stats"' | tail -n 1
 }
 stat_field() { python3 -c 'import json, sys; v = json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, v))' "$1" "$2"; }
-all_connected() { load_lines | grep '"event":"connected"' | grep -q '"connected":1000,'; }
+all_connected() { load_lines | grep '"event":"connected"' | grep '"connected":1000,' >/dev/null; }
 check "1000 clients connected (the load generator in the guest)" wait_for 300 all_connected
 load_lines | grep '"connected"' | sed 's/^/    /'
 cert_served() { # prints the organisation of the certificate a new client gets
