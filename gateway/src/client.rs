@@ -36,7 +36,6 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::debug;
 
-use crate::auth::AuthError;
 use crate::config::Protocol;
 use crate::framed::FramedClient;
 use crate::gateway::{Settings, Shared};
@@ -481,31 +480,8 @@ fn judge(
                 &format!("bad upgrade request: {e}"),
             )
         })?;
-    let mut admission = None;
-    let mut auth_error = None;
-    match admit(
-        request,
-        response,
-        service,
-        settings,
-        &mut admission,
-        &mut auth_error,
-    ) {
-        Ok(response) => Ok((
-            response,
-            admission.ok_or_else(|| {
-                Refusal::upgrade(StatusCode::INTERNAL_SERVER_ERROR, "no admission")
-            })?,
-        )),
-        Err(response) => Err(Refusal {
-            response: Box::new(response),
-            phase: if auth_error.is_some() {
-                Phase::Auth
-            } else {
-                Phase::Upgrade
-            },
-        }),
-    }
+    let admission = admit(request, service, settings)?;
+    Ok((response, admission))
 }
 
 /// Writes an HTTP error answer and closes the TLS session.
@@ -600,40 +576,20 @@ fn close_message(code: u16, reason: &str) -> Message {
     }))
 }
 
-/// Origin and token, once the route is known. Fills `admission` on success;
-/// on refusal the HTTP answer, with `auth_error` set when the token or
-/// origin was the reason.
-// The error type is tungstenite's (an HTTP response).
-#[allow(clippy::result_large_err)]
-fn admit(
-    req: &Request,
-    resp: Response,
-    service: usize,
-    settings: &Settings,
-    admission: &mut Option<Admission>,
-    auth_error: &mut Option<AuthError>,
-) -> Result<Response, ErrorResponse> {
-    let path = req.uri().path();
+/// Origin and token, once the route is known: the admission, or the
+/// 401/403 answer (counted against the auth phase).
+fn admit(req: &Request, service: usize, settings: &Settings) -> Result<Admission, Refusal> {
     let header_str =
         |name: header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
-    let checked = settings
+    let claims = settings
         .auth
         .check_origin(header_str(header::ORIGIN))
         .and_then(|()| {
             settings
                 .auth
                 .verify(header_str(header::AUTHORIZATION), req.uri().query())
-        });
-    match checked {
-        Ok(claims) => {
-            *admission = Some(Admission {
-                route: path.to_owned(),
-                service,
-                claims,
-            });
-            Ok(resp)
-        }
-        Err(e) => {
+        })
+        .map_err(|e| {
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
             let mut r = http_error(status, &e.to_string());
             if status == StatusCode::UNAUTHORIZED {
@@ -642,10 +598,16 @@ fn admit(
                     header::HeaderValue::from_static("Bearer"),
                 );
             }
-            *auth_error = Some(e);
-            Err(r)
-        }
-    }
+            Refusal {
+                response: Box::new(r),
+                phase: Phase::Auth,
+            }
+        })?;
+    Ok(Admission {
+        route: req.uri().path().to_owned(),
+        service,
+        claims,
+    })
 }
 
 fn http_error(status: StatusCode, body: &str) -> ErrorResponse {
