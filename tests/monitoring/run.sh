@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Monitoring suite: the admin endpoint's real /metrics through promtool, the
-# alert rules (promtool check rules + unit tests), the Grafana dashboard, the
-# docs covering every exported metric, and `edgegate demo` serving its admin
-# endpoint. Installs promtool (Debian package `prometheus`) when missing and
-# running as root.
+# alert rules (promtool check rules + unit tests; every alert tested firing and
+# quiet, with a runbook_url to its section of docs/runbook.md), the Grafana
+# dashboard, the docs covering every exported metric, and `edgegate demo`
+# serving its admin endpoint. Installs promtool (Debian package `prometheus`)
+# when missing and running as root.
 #
 #   tests/monitoring/run.sh
 #
@@ -100,6 +101,89 @@ check "every metric the alerts and the dashboard use is exported" used_names_exi
 check "promtool check rules monitoring/alerts.yml" promtool check rules monitoring/alerts.yml
 check "promtool test rules monitoring/alerts.test.yml (alerts fire on synthetic series)" \
     promtool test rules monitoring/alerts.test.yml
+
+# Each alert: a test case where it fires and one where it must not (below the
+# threshold or before its `for:`), a runbook_url under the repository of
+# Cargo.toml whose anchor is a heading of docs/runbook.md, and no runbook
+# section for an alert that does not exist. Links to runbook anchors (its own,
+# and from the other docs) must resolve too. Line-based, so no YAML module is
+# needed: the files keep one `- alert:` / `alertname:` / `exp_alerts:` /
+# `runbook_url:` per line.
+check "every alert has a firing and a quiet test case, and a runbook_url to its docs/runbook.md section" \
+    python3 - monitoring/alerts.yml monitoring/alerts.test.yml docs/runbook.md Cargo.toml \
+    docs/capacity.md docs/monitoring.md <<'EOF'
+import re, sys
+rules_path, tests_path, runbook_path, cargo_path, *linking = sys.argv[1:]
+
+repo = re.search(r'^repository\s*=\s*"([^"]+)"', open(cargo_path).read(), re.M).group(1)
+prefix = repo.rstrip("/") + "/blob/main/docs/runbook.md#"
+
+alerts, current = {}, None
+for line in open(rules_path):
+    m = re.match(r'\s*- alert:\s*(\S+)', line)
+    if m:
+        current = m.group(1)
+        alerts[current] = None
+    m = re.match(r'\s*runbook_url:\s*["\']?([^"\'\s]+)', line)
+    if m and current:
+        alerts[current] = m.group(1)
+
+# GitHub's heading anchors: lowercase, punctuation dropped, spaces to '-',
+# repeats suffixed -1, -2, ...
+anchors, seen, headings = set(), {}, []
+in_code = False
+for line in open(runbook_path):
+    if line.startswith("```"):
+        in_code = not in_code
+    m = re.match(r'(#{1,6})\s+(.*?)\s*#*\s*$', line)
+    if in_code or not m:
+        continue
+    headings.append(m.group(2).strip())
+    slug = re.sub(r'[^\w\- ]', '', m.group(2).strip().lower()).replace(' ', '-')
+    n = seen.get(slug, 0)
+    seen[slug] = n + 1
+    anchors.add(slug if n == 0 else f"{slug}-{n}")
+
+firing, quiet, current = set(), set(), None
+for line in open(tests_path):
+    m = re.match(r'\s*(?:- )?alertname:\s*(\S+)', line)
+    if m:
+        current = m.group(1)
+    m = re.match(r'\s*exp_alerts:\s*(\S*)', line)
+    if m and current:
+        (quiet if m.group(1) == "[]" else firing).add(current)
+        current = None
+
+problems = []
+if len(alerts) == 0:
+    problems.append(f"no alerts found in {rules_path}")
+for name in sorted((firing | quiet) - set(alerts)):
+    problems.append(f"{tests_path} tests {name}, which {rules_path} does not define")
+for name, url in alerts.items():
+    if name not in firing:
+        problems.append(f"{name}: no test case where it fires")
+    if name not in quiet:
+        problems.append(f"{name}: no test case where it must not fire (exp_alerts: [])")
+    want = prefix + name.lower()
+    if url is None:
+        problems.append(f"{name}: no runbook_url annotation")
+        continue
+    if url != want:
+        problems.append(f"{name}: runbook_url is {url}, expected {want}")
+    anchor = url.partition("#")[2]
+    if anchor not in anchors:
+        problems.append(f"{name}: runbook_url anchor #{anchor} is no heading of {runbook_path}")
+for h in headings:
+    if re.fullmatch(r'EdgeGate[A-Za-z]+', h) and h not in alerts:
+        problems.append(f"{runbook_path}: section '## {h}' for an alert {rules_path} does not define")
+# Links to runbook anchors: its own (#x) and the other docs' (runbook.md#x).
+for path, pattern in [(runbook_path, r'\]\(#([^)]+)\)')] + [(p, r'\]\(runbook\.md#([^)]+)\)') for p in linking]:
+    for anchor in re.findall(pattern, open(path).read()):
+        if anchor not in anchors:
+            problems.append(f"{path}: link to {runbook_path}#{anchor}, which is no heading there")
+print("\n".join(problems) or f"{len(alerts)} alerts: each tested both ways, each with a runbook section")
+sys.exit(1 if problems else 0)
+EOF
 check "grafana dashboard is valid JSON with panels and a datasource variable" python3 - monitoring/grafana-dashboard.json <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
