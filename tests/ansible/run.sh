@@ -31,31 +31,10 @@ ROOT_PACKAGES=python3,python3-apt,systemd,ssl-cert
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 ANSIBLE_DIR=$REPO/ansible
 CACHE=${EDGEGATE_CI_CACHE:-/var/cache/edgegate-ci}
-START=$(date +%s)
-
-passed=0
-failed=0
-pass() { passed=$((passed + 1)); echo "ok   - $*"; }
-fail() { failed=$((failed + 1)); echo "FAIL - $*"; }
-# check NAME COMMAND...: one test.
-check() {
-    local name=$1
-    shift
-    if "$@"; then pass "$name"; else fail "$name"; fi
-}
-finish() {
-    echo "ansible tests took $(($(date +%s) - START)) s"
-    echo "$passed passed, $failed failed"
-    [ "$failed" -eq 0 ]
-    exit $?
-}
-# A step the rest cannot do without.
-need() {
-    local name=$1
-    shift
-    if "$@"; then pass "$name"; else fail "$name"; echo "cannot go on without: $name"; finish; fi
-}
-log() { echo "== [$(($(date +%s) - START)) s] $*"; }
+# shellcheck source=tests/tools/checks.sh
+source "$REPO/tests/tools/checks.sh"
+# shellcheck source=tests/tools/debian.sh
+source "$REPO/tests/tools/debian.sh"
 
 if [ "$(id -u)" -ne 0 ]; then
     fail "runs as root (debootstrap, chroot and mount need it)"
@@ -69,29 +48,24 @@ fi
 WORK=$(mktemp -d /tmp/edgegate-ansible.XXXXXX)
 ROOT=$WORK/root
 mkdir -p "$ROOT"
+CHECKS_LOG=$WORK/checks.log
 # Tools drop caches (.ansible/) into the current directory: keep them out of the repo.
 cd "$WORK" || exit 1
 
-unmount_root() {
-    local m
-    for m in "$ROOT/proc/sys" "$ROOT/proc"; do
-        if mountpoint -q "$m" 2>/dev/null; then umount "$m" || umount -l "$m"; fi
-    done
-}
 cleanup() {
     cd /
-    unmount_root
+    debian_unmount_all
     if [ "${KEEP:-0}" = 1 ]; then
         echo "kept $WORK"
     else
-        rm -rf --one-file-system "$WORK"
+        debian_remove_root "$WORK"
     fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------------------
-log "tools"
+step "tools"
 VENV=$CACHE/venv-ansible-$ANSIBLE_VERSION-lint-$ANSIBLE_LINT_VERSION
 install_venv() {
     rm -rf "$VENV"
@@ -108,17 +82,10 @@ venv_works || install_venv >"$WORK/pip.log" 2>&1 || tail -20 "$WORK/pip.log"
 need "ansible $ANSIBLE_VERSION and ansible-lint $ANSIBLE_LINT_VERSION in a venv, with community.general.chroot" venv_works
 export PATH=$VENV/bin:$PATH
 
-install_debootstrap() {
-    command -v debootstrap >/dev/null && return 0
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q debootstrap >"$WORK/apt.log" 2>&1 ||
-        { apt-get update -q >>"$WORK/apt.log" 2>&1 && apt-get install -y -q debootstrap >>"$WORK/apt.log" 2>&1; } ||
-        { tail -20 "$WORK/apt.log"; return 1; }
-}
-need "debootstrap is installed" install_debootstrap
+need "debootstrap is installed" debian_install "$WORK/apt.log" debootstrap
 
 # ---------------------------------------------------------------------------
-log "lint and syntax"
+step "lint and syntax"
 export ANSIBLE_CONFIG=$ANSIBLE_DIR/ansible.cfg
 export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 NO_COLOR=1
 lint() {
@@ -134,7 +101,7 @@ syntax() {
 check "ansible-playbook --syntax-check site.yml" syntax
 
 # ---------------------------------------------------------------------------
-log "package"
+step "package"
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 newest_deb() { ls -t "$TARGET_DIR"/debian/edgegate_*.deb 2>/dev/null | head -n 1; }
 build_deb() {
@@ -145,7 +112,7 @@ DEB=${EDGEGATE_DEB:-}
 if [ -z "$DEB" ]; then
     DEB=$(newest_deb)
     if [ -z "$DEB" ] || [ "${EDGEGATE_REBUILD_DEB:-0}" = 1 ]; then
-        log "building the package: cargo deb -p edgegate"
+        echo "building the package: cargo deb -p edgegate"
         build_deb
         DEB=$(newest_deb)
     fi
@@ -159,46 +126,20 @@ DEB_VERSION=$(dpkg-deb --field "$DEB" Version)
 while read -r name; do unset "$name"; done < <(compgen -e | grep '^EDGEGATE_')
 
 # ---------------------------------------------------------------------------
-log "Debian 12 root"
-# The first Debian mirror of this machine's apt sources (deb822 or one-line).
-mirror() {
-    local m
-    m=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null |
-        awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }')
-    [ -n "$m" ] || m=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-        awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }')
-    echo "${m:-http://deb.debian.org/debian}"
-}
-MIRROR=$(mirror)
+step "Debian 12 root"
+MIRROR=$(debian_mirror "$SUITE")
 TARBALL=$CACHE/root-$SUITE-minbase-$(echo "$ROOT_PACKAGES" | md5sum | cut -c1-8).tar.gz
-make_root() {
-    if [ -f "$TARBALL" ] && tar -C "$ROOT" --numeric-owner -xpzf "$TARBALL" 2>/dev/null; then
-        echo "root unpacked from $TARBALL"
-        return 0
-    fi
-    rm -rf "$ROOT" && mkdir -p "$ROOT"
-    echo "debootstrap --variant=minbase $SUITE from $MIRROR"
-    debootstrap --variant=minbase --include="$ROOT_PACKAGES" "$SUITE" "$ROOT" "$MIRROR" \
-        >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; return 1; }
-    chroot "$ROOT" apt-get clean
-    # Best effort: a later run starts from here.
-    tar -C "$ROOT" --numeric-owner -czf "$TARBALL.tmp" . 2>/dev/null && mv "$TARBALL.tmp" "$TARBALL" ||
-        rm -f "$TARBALL.tmp"
-}
-need "Debian 12 minbase root with python3 (debootstrap or cache)" make_root
+need "Debian 12 minbase root with python3 (debootstrap or cache)" \
+    debian_root "$ROOT" "$TARBALL" "$WORK/debootstrap.log" "$SUITE" "$MIRROR" --include="$ROOT_PACKAGES"
 need "root is Debian 12" grep -q '^12' "$ROOT/etc/debian_version"
 
 # Facts need /proc. /proc/sys stays read-only so nothing in the root (the
 # package's postinst runs systemd-sysctl) can change this machine's kernel.
-mount_proc() {
-    mount -t proc proc "$ROOT/proc" &&
-        mount --bind "$ROOT/proc/sys" "$ROOT/proc/sys" &&
-        mount -o remount,bind,ro "$ROOT/proc/sys"
-}
-need "/proc mounted in the root (/proc/sys read-only)" mount_proc
+# In this shell: cleanup unmounts what debian_mount remembered.
+need_here "/proc mounted in the root (/proc/sys read-only)" debian_mount_proc "$ROOT"
 
 # ---------------------------------------------------------------------------
-log "inventory"
+step "inventory"
 # A test certificate for the role to install (cryptography comes with ansible).
 "$VENV/bin/python" - "$WORK" <<'PY' || fail "test certificate generated"
 import datetime, sys
@@ -272,7 +213,7 @@ recap() { grep -A1 '^PLAY RECAP' "$1" | tail -n 1; }
 in_root() { chroot "$ROOT" "$@"; }
 
 # ---------------------------------------------------------------------------
-log "preflight refuses a host that cannot carry the client budget"
+step "preflight refuses a host that cannot carry the client budget"
 playbook "$WORK/preflight.log" --tags preflight -e edgegate_max_clients=100000000
 rc=$?
 check "preflight fails for 100 M clients on this host" test "$rc" -ne 0
@@ -281,7 +222,7 @@ grep -o 'Not enough memory[^"]*' "$WORK/preflight.log" | head -n 1 | sed 's/^/  
 check "preflight changed nothing in the root" test ! -e "$ROOT/etc/sysctl.d/70-edgegate-host.conf"
 
 # ---------------------------------------------------------------------------
-log "first run"
+step "first run"
 HOST_NR_OPEN=$(cat /proc/sys/fs/nr_open)
 playbook "$WORK/run1.log"
 rc=$?
@@ -365,7 +306,7 @@ check "drop-in TimeoutStopSec ($STOP_SECS) outlasts the LB grace and the drain w
 check "edgegate.service enabled at boot" test -L "$ROOT/etc/systemd/system/multi-user.target.wants/edgegate.service"
 
 # ---------------------------------------------------------------------------
-log "second run: idempotence"
+step "second run: idempotence"
 playbook "$WORK/run2.log"
 rc=$?
 RECAP2=$(recap "$WORK/run2.log")
@@ -374,7 +315,7 @@ check "second run changes nothing (changed=0, failed=0)" bash -c "grep -q 'chang
 if ! grep -q 'changed=0 ' <<<"$RECAP2"; then grep -B1 -A3 '^changed:' "$WORK/run2.log" | head -40; fi
 
 # ---------------------------------------------------------------------------
-log "a config that edgegate rejects never replaces the good one"
+step "a config that edgegate rejects never replaces the good one"
 before=$(md5sum <"$CONFIG" 2>/dev/null || echo missing)
 playbook "$WORK/bad.log" --tags config -e '{"edgegate_heartbeat": {"ping_interval_secs": 30, "no_such_key": 1}}'
 rc=$?
@@ -384,7 +325,7 @@ grep -o 'no_such_key[^"]*' "$WORK/bad.log" | head -n 1 | cut -c1-200 | sed 's/^/
 check "config on the host is unchanged" test "$(md5sum <"$CONFIG" 2>/dev/null || echo gone)" = "$before"
 
 # ---------------------------------------------------------------------------
-log "reloadable change: config"
+step "reloadable change: config"
 playbook "$WORK/reload.log" -e edgegate_drain_window_secs=40 --tags config
 rc=$?
 check "config-only change applies: $(recap "$WORK/reload.log")" test "$rc" -eq 0
@@ -394,7 +335,7 @@ playbook "$WORK/reload2.log" >/dev/null
 check "back to the inventory's config: $(recap "$WORK/reload2.log")" grep -qx "drain_window_secs = $DRAIN_SECS" "$CONFIG"
 
 # ---------------------------------------------------------------------------
-log "upgrade"
+step "upgrade"
 # The same package with a higher version, as a new release would be.
 repack() {
     local version=$1 dir=$WORK/repack
@@ -418,7 +359,7 @@ if repack "$V1" && repack "$V2"; then
 
     # Nothing runs in a chroot, so these two pretend edgegate runs
     # (edgegate_running=true) to follow the role's decisions on a live host.
-    log "upgrade of a running edgegate outside a rollout is refused"
+    step "upgrade of a running edgegate outside a rollout is refused"
     playbook "$WORK/refuse.log" -e "edgegate_deb_src=$WORK/edgegate_$V2.deb" \
         -e edgegate_running=true -e edgegate_rollout_drain=false
     rc=$?
@@ -426,7 +367,7 @@ if repack "$V1" && repack "$V2"; then
     check "and says why" grep -q 'needs a restart of edgegate on debian12-root, which would disconnect' "$WORK/refuse.log"
     check "package left at $V1 ($(version_in_root))" test "$(version_in_root)" = "$V1"
 
-    log "upgrade of a running edgegate in a rollout drains it first"
+    step "upgrade of a running edgegate in a rollout drains it first"
     playbook "$WORK/drain.log" -e "edgegate_deb_src=$WORK/edgegate_$V2.deb" -e edgegate_running=true
     rc=$?
     check "rollout upgrade succeeds: $(recap "$WORK/drain.log")" test "$rc" -eq 0
@@ -441,7 +382,7 @@ if repack "$V1" && repack "$V2"; then
     check "drain (systemctl stop) runs before the package is replaced" order
     check "package upgraded to $V2 ($(version_in_root))" test "$(version_in_root)" = "$V2"
 
-    log "upgrade from an apt repository"
+    step "upgrade from an apt repository"
     # A flat repository inside the root, as a file: source; unsigned, so trusted.
     V3=${DEB_VERSION}+ci3
     flat_repo() {

@@ -29,51 +29,11 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$REPO/tests/appliance
 SUITE=bookworm
 CACHE_DIR=${EDGEGATE_CI_CACHE:-/var/cache/edgegate-ci}
-STARTED=$(date +%s)
-
-passed=0
-failed=0
-failures=()
-
-pass() {
-    passed=$((passed + 1))
-    echo "PASS: $1"
-}
-
-fail() {
-    failed=$((failed + 1))
-    failures+=("$1")
-    echo "FAIL: $1${2:+ ($2)}"
-}
-
-# check DESCRIPTION COMMAND...: run a command, pass when it exits 0; its
-# output goes to the log and is shown when it fails.
-check() {
-    local description=$1 out
-    shift
-    if out=$("$@" 2>&1); then
-        pass "$description"
-    else
-        fail "$description"
-        printf '%s\n' "$out" | tail -n 20 | sed 's/^/    /'
-    fi
-    printf '== %s\n%s\n' "$description" "$out" >>"$WORK/checks.log"
-}
-
-step() {
-    echo
-    echo "=== $* ($(($(date +%s) - STARTED)) s)"
-}
-
-summary() {
-    echo
-    if [ "$failed" -gt 0 ]; then
-        echo "Failed checks:"
-        printf '  - %s\n' "${failures[@]}"
-    fi
-    echo "Took $(($(date +%s) - STARTED)) s. Logs: $WORK"
-    echo "$passed passed, $failed failed"
-}
+# shellcheck source=tests/tools/checks.sh
+source "$REPO/tests/tools/checks.sh"
+# shellcheck source=tests/tools/debian.sh
+source "$REPO/tests/tools/debian.sh"
+CHECKS_POLL_SECS=0.2
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "run.sh: must run as root (debootstrap, chroot, mounts)" >&2
@@ -82,36 +42,21 @@ fi
 
 WORK=$(mktemp -d /var/tmp/edgegate-appliance.XXXXXX)
 ROOT=$WORK/root
-MOUNTS=()      # mount points inside $ROOT, unmounted in reverse order
-PIDS=()        # background processes we started
+CHECKS_LOG=$WORK/checks.log
+CHECKS_NOTE="Logs: $WORK"
+PIDS=() # background processes we started
 
 cleanup() {
-    local pid i
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
-        umount "${MOUNTS[i]}" 2>/dev/null || umount -l "${MOUNTS[i]}" 2>/dev/null || true
-    done
-    # Never rm -rf a tree that still has the host's /dev or /sys mounted in it.
-    if grep -q " $ROOT/" /proc/mounts; then
-        echo "run.sh: mounts left under $ROOT; not deleting $WORK" >&2
-    elif [ "${EDGEGATE_CI_KEEP:-0}" != 1 ]; then
-        # Keep the logs and the .deb; drop the root and the large -dbgsym.
-        rm -rf "$ROOT" "$WORK"/out/*.ddeb
+    stop_pids "${PIDS[@]}"
+    debian_unmount_all
+    # Keep the logs and the .deb; drop the root and the large -dbgsym
+    # (debian_remove_root refuses while anything is still mounted in it).
+    if [ "${EDGEGATE_CI_KEEP:-0}" != 1 ] && debian_remove_root "$ROOT"; then
+        rm -f "$WORK"/out/*.ddeb
     fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# mount_in_root ARGS... TARGET: mount and remember TARGET for cleanup.
-mount_in_root() {
-    local target=${*: -1}
-    mount "$@" && MOUNTS+=("$target")
-}
 
 # In the test root. `in_root_as_edgegate` runs as the package's system user
 # with the supplementary groups it has in the root's /etc/group.
@@ -129,28 +74,8 @@ host_sysctls() {
 }
 HOST_SYSCTLS_BEFORE=$(host_sysctls)
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# wait_for TIMEOUT_SECS COMMAND...: poll every 0.2 s until COMMAND succeeds.
-wait_for() {
-    local deadline=$(($(date +%s) + $1))
-    shift
-    until "$@" >/dev/null 2>&1; do
-        [ "$(date +%s)" -lt "$deadline" ] || return 1
-        sleep 0.2
-    done
-}
-
 tcp_open() {
     python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()' "$1" 2>/dev/null
-}
-
-finish() {
-    summary
-    [ "$failed" -eq 0 ]
-    exit $?
 }
 
 # ---------------------------------------------------------------------------
@@ -159,15 +84,7 @@ step "Tools on the build machine"
 export DEBIAN_FRONTEND=noninteractive
 # binutils: objcopy/strip for cargo-deb; dpkg-dev: dpkg-shlibdeps for $auto.
 need_pkgs=(lintian debootstrap debian-archive-keyring systemd dpkg-dev binutils ca-certificates)
-missing=()
-for p in "${need_pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing: ${missing[*]}"
-    apt-get update -q >/dev/null &&
-        apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${missing[@]}" >"$WORK/apt-host.log" 2>&1
-fi
+debian_install "$WORK/apt-host.log" "${need_pkgs[@]}"
 check "build tools installed (${need_pkgs[*]})" \
     dpkg-query -W -f='${Status}\n' "${need_pkgs[@]}"
 if ! command -v cargo-deb >/dev/null; then
@@ -260,58 +177,24 @@ fi
 # ---------------------------------------------------------------------------
 step "Fresh Debian 12 root (debootstrap --variant=minbase)"
 # ---------------------------------------------------------------------------
-# The machine's own Debian mirror: the first URI serving $SUITE's main
-# archive (not -security / -updates) in sources.list or a deb822 .sources.
-find_mirror() {
-    local f
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -f "$f" ] || continue
-        awk -v s="$SUITE" '$1 == "deb" && $0 !~ /security/ { for (i = 2; i < NF; i++) if ($i ~ /^(https?|file):/ && $(i + 1) == s) { print $i; exit } }' "$f"
-    done
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        awk -v s="$SUITE" 'BEGIN { RS = ""; FS = "\n" }
-            { uri = ""; ok = 0
-              for (i = 1; i <= NF; i++) {
-                if ($i ~ /^URIs:/) { split($i, a, " "); uri = a[2] }
-                if ($i ~ /^Suites:/) { n = split($i, b, " "); for (j = 2; j <= n; j++) if (b[j] == s) ok = 1 }
-              }
-              if (ok && uri != "" && uri !~ /security/) { print uri; exit } }' "$f"
-    done
-}
-MIRROR=${EDGEGATE_CI_MIRROR:-$(find_mirror | head -n 1)}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+MIRROR=${EDGEGATE_CI_MIRROR:-$(debian_mirror "$SUITE")}
 echo "mirror: $MIRROR"
 mkdir -p "$CACHE_DIR/apt-archives/partial"
+# A root per day: older ones are stale (security updates).
 ROOT_TARBALL=$CACHE_DIR/debian-$SUITE-minbase-$(date +%Y%m%d).tar.gz
-mkdir -p "$ROOT"
-if [ -s "$ROOT_TARBALL" ] && tar -xzf "$ROOT_TARBALL" -C "$ROOT"; then
-    echo "root from cache: $ROOT_TARBALL"
-    pass "Debian 12 root ready (cached $(basename "$ROOT_TARBALL"))"
-else
-    rm -rf "$ROOT" && mkdir -p "$ROOT"
-    if debootstrap --variant=minbase --cache-dir="$CACHE_DIR/apt-archives" "$SUITE" "$ROOT" "$MIRROR" >"$WORK/debootstrap.log" 2>&1; then
-        pass "debootstrap --variant=minbase $SUITE"
-        # Cache for today; older roots are stale (security updates).
-        find "$CACHE_DIR" -maxdepth 1 -name "debian-$SUITE-minbase-*.tar.gz" -delete
-        tar -C "$ROOT" -czf "$ROOT_TARBALL.tmp" . && mv "$ROOT_TARBALL.tmp" "$ROOT_TARBALL"
-    else
-        fail "debootstrap --variant=minbase $SUITE" "see $WORK/debootstrap.log"
-        tail -n 20 "$WORK/debootstrap.log"
-        finish
-    fi
-fi
+need_here "Debian 12 root ready (debootstrap --variant=minbase $SUITE, or today's cache)" \
+    debian_root "$ROOT" "$ROOT_TARBALL" "$WORK/debootstrap.log" "$SUITE" "$MIRROR" \
+    --cache-dir="$CACHE_DIR/apt-archives"
+find "$CACHE_DIR" -maxdepth 1 -name "debian-$SUITE-minbase-*.tar.gz" ! -name "${ROOT_TARBALL##*/}" -delete
 
 # Mounts: /proc with /proc/sys read-only (the host kernel is shared; the
 # package must cope with a read-only /proc/sys), /sys read-only, the host's
 # /dev, and the apt download cache.
-mount_in_root -t proc proc "$ROOT/proc" &&
-    mount_in_root --bind "$ROOT/proc/sys" "$ROOT/proc/sys" &&
-    mount -o remount,bind,ro "$ROOT/proc/sys" &&
-    mount_in_root --bind /sys "$ROOT/sys" &&
+debian_mount_proc "$ROOT" &&
+    debian_mount --bind /sys "$ROOT/sys" &&
     mount -o remount,bind,ro "$ROOT/sys" &&
-    mount_in_root --bind /dev "$ROOT/dev" &&
-    mount_in_root --bind "$CACHE_DIR/apt-archives" "$ROOT/var/cache/apt/archives"
+    debian_mount --bind /dev "$ROOT/dev" &&
+    debian_mount --bind "$CACHE_DIR/apt-archives" "$ROOT/var/cache/apt/archives"
 mounts_rc=$?
 check "chroot mounts (proc, read-only /proc/sys and /sys, dev)" \
     bash -c "[ $mounts_rc -eq 0 ] && ! touch '$ROOT/proc/sys/vm/max_map_count' 2>/dev/null"

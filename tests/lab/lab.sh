@@ -29,6 +29,12 @@
 #   EDGEGATE_CI_MIRROR   Debian mirror for debootstrap (default deb.debian.org)
 #   EDGEGATE_LAB_KEEP=1  leave the VMs' run directories for inspection
 
+# free_port, stop_pids; debian_missing, debian_install.
+# shellcheck source=tests/tools/checks.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../tools/checks.sh"
+# shellcheck source=tests/tools/debian.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../tools/debian.sh"
+
 LAB_SUITE=bookworm
 LAB_CACHE=${EDGEGATE_LAB_CACHE:-/var/cache/edgegate-lab}
 LAB_MIRROR=${EDGEGATE_CI_MIRROR:-http://deb.debian.org/debian}
@@ -44,33 +50,18 @@ declare -A LAB_FWD=()
 
 lab_log() { echo "lab: $*" >&2; }
 
-lab_free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 # Installs what the lab needs on the build machine. bookworm's
 # qemu-system-x86 cannot install beside the backports qemu-utils this image
 # carries, so qemu comes from bookworm-backports (a source file is added if
 # the machine has none).
 lab_tools() {
-    local need=() p
-    export DEBIAN_FRONTEND=noninteractive
-    command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-    for p in debootstrap e2fsprogs openssh-client apt-utils gnupg qemu-utils debian-archive-keyring; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-    done
-    [ ${#need[@]} -eq 0 ] && return 0
+    local tools=(qemu-system-x86 debootstrap e2fsprogs openssh-client apt-utils gnupg qemu-utils debian-archive-keyring)
+    [ -n "$(debian_missing "${tools[@]}")" ] || return 0
     if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
         printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
             "$LAB_MIRROR" >/etc/apt/sources.list.d/edgegate-lab-backports.sources
     fi
-    lab_log "installing ${need[*]}"
-    apt-get update -q >"$LAB_RUN/apt-tools.log" 2>&1 || return 1
-    apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends \
-        -t bookworm-backports "${need[@]}" >>"$LAB_RUN/apt-tools.log" 2>&1 || {
-        tail -n 20 "$LAB_RUN/apt-tools.log" >&2
-        return 1
-    }
+    debian_install -t bookworm-backports "$LAB_RUN/apt-tools.log" "${tools[@]}" >&2
 }
 
 # The image's inputs: a change to any of them builds a new image.
@@ -163,10 +154,10 @@ lab_boot() {
     local dir=$LAB_RUN/$name fwd gp hp started
     mkdir -p "$dir"
     qemu-img create -q -f qcow2 -F raw -b "$LAB_IMAGE_DIR/root.raw" "$dir/disk.qcow2" || return 1
-    LAB_SSH_PORT[$name]=$(lab_free_port)
+    LAB_SSH_PORT[$name]=$(free_port)
     fwd="hostfwd=tcp:127.0.0.1:${LAB_SSH_PORT[$name]}-:22"
     for gp in "$@"; do
-        hp=$(lab_free_port)
+        hp=$(free_port)
         LAB_FWD[$name:$gp]=$hp
         fwd="$fwd,hostfwd=tcp:127.0.0.1:$hp-:$gp"
     done
@@ -211,13 +202,7 @@ lab_shutdown() {
 }
 
 lab_cleanup() {
-    local pid
-    for pid in "${LAB_PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${LAB_PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_pids "${LAB_PIDS[@]}"
     if [ "${EDGEGATE_LAB_KEEP:-0}" = 1 ]; then
         lab_log "kept $LAB_RUN"
     else
@@ -234,7 +219,7 @@ lab_repo() {
     shift 2
     mkdir -p "$repo" && cp "$@" "$repo/" || return 1
     (cd "$repo" && apt-get download -q ssl-cert) || return 1
-    gpg --batch --list-secret-keys 2>/dev/null | grep -q edgegate-lab ||
+    gpg --batch --list-secret-keys 2>/dev/null | grep edgegate-lab >/dev/null ||
         gpg --batch --passphrase '' --quick-gen-key 'EdgeGate lab repository <lab@edgegate.invalid>' ed25519 sign 1d || return 1
     gpg --batch --export >"$keyring" && lab_repo_index "$repo"
 }

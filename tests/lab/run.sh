@@ -18,83 +18,26 @@ set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$REPO/tests/lab
-STARTED=$(date +%s)
 WORK=$(mktemp -d /var/tmp/edgegate-labsuite.XXXXXX)
 LAB_RUN=$WORK/vms
 mkdir -p "$LAB_RUN"
+# shellcheck source=tests/tools/checks.sh
+source "$REPO/tests/tools/checks.sh"
 # shellcheck source=tests/lab/lab.sh
 source "$HERE/lab.sh"
+CHECKS_LOG=$WORK/checks.log
+CHECKS_NOTE="Logs: $WORK"
 
 VM=gw
 CLIENT_PORT=8443 # the shipped config's listener
 
-passed=0
-failed=0
-failures=()
-pass() {
-    passed=$((passed + 1))
-    echo "PASS: $1"
-}
-fail() {
-    failed=$((failed + 1))
-    failures+=("$1")
-    echo "FAIL: $1${2:+ ($2)}"
-}
-# check DESCRIPTION COMMAND...: pass when COMMAND exits 0; its output is
-# logged, and shown when it fails.
-check() {
-    local description=$1 out
-    shift
-    if out=$("$@" 2>&1); then
-        pass "$description"
-    else
-        fail "$description"
-        printf '%s\n' "$out" | tail -n 20 | sed 's/^/    /'
-    fi
-    printf '== %s\n%s\n' "$description" "$out" >>"$WORK/checks.log"
-}
-step() {
-    echo
-    echo "=== $* ($(($(date +%s) - STARTED)) s)"
-}
-finish() {
-    echo
-    [ "$failed" -gt 0 ] && printf 'Failed checks:\n' && printf '  - %s\n' "${failures[@]}"
-    echo "lab: boot ${LAB_BOOT_SECS:-?} s; suite $(($(date +%s) - STARTED)) s. Logs: $WORK"
-    echo "$passed passed, $failed failed"
-    [ "$failed" -eq 0 ]
-    exit $?
-}
-# need DESCRIPTION COMMAND...: a check the rest cannot go on without.
-need() {
-    local before=$failed
-    check "$@"
-    [ "$failed" -eq "$before" ] || {
-        echo "cannot go on without: $1"
-        finish
-    }
-}
-cleanup() {
-    lab_cleanup
-}
-trap cleanup EXIT
+trap lab_cleanup EXIT
 trap 'exit 130' INT TERM
 
-not() { ! "$@"; }
 # In the guest. `g` prints what the command printed; `gq` is quiet.
 g() { lab_ssh "$VM" "$@"; }
 gq() { lab_ssh "$VM" "$@" >/dev/null 2>&1; }
 unit_prop() { g systemctl show -p "$1" --value edgegate; }
-
-# wait_for TIMEOUT_SECS COMMAND...: poll every second until COMMAND succeeds.
-wait_for() {
-    local deadline=$(($(date +%s) + $1))
-    shift
-    until "$@" >/dev/null 2>&1; do
-        [ "$(date +%s)" -lt "$deadline" ] || return 1
-        sleep 1
-    done
-}
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "run.sh: must run as root (debootstrap, apt)" >&2
@@ -107,13 +50,7 @@ step "Tools, image, packages"
 need "lab tools installed (qemu-system-x86 from bookworm-backports, debootstrap, gnupg, apt-utils)" lab_tools
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked >"$WORK/cargo-install.log" 2>&1
 # lab_image and lab_boot set variables: run them in this shell, not in check's.
-# direct DESCRIPTION COMMAND...: like need, without a subshell.
-direct() {
-    local description=$1
-    shift
-    if "$@"; then pass "$description"; else fail "$description"; echo "cannot go on without: $description"; finish; fi
-}
-direct "Debian 12 lab image (cached on its inputs)" lab_image
+need_here "Debian 12 lab image (cached on its inputs)" lab_image
 echo "image: $LAB_IMAGE_DIR"
 
 mkdir -p "$WORK/out" "$WORK/out2"
@@ -149,8 +86,9 @@ printf 'not a certificate\n' >"$WORK/garbage.pem"
 # ---------------------------------------------------------------------------
 step "Boot a Debian 12 VM (TCG, ${EDGEGATE_LAB_MEM:-3072} MiB)"
 # ---------------------------------------------------------------------------
-direct "VM boots to ssh" lab_boot "$VM" "${EDGEGATE_LAB_MEM:-3072}" 2 "$CLIENT_PORT"
+need_here "VM boots to ssh" lab_boot "$VM" "${EDGEGATE_LAB_MEM:-3072}" 2 "$CLIENT_PORT"
 echo "boot to ssh: $LAB_BOOT_SECS s"
+CHECKS_NOTE="VM boot to ssh $LAB_BOOT_SECS s. Logs: $WORK"
 HOST_CLIENT_PORT=$(lab_port "$VM" "$CLIENT_PORT")
 guest_is_debian12() {
     local out
@@ -219,7 +157,13 @@ tune_write() {
 }
 check "edgegate tune --write computes tcp_mem for this host and systemd-sysctl applies it" tune_write
 check "tcp_mem still fits after tune --write (40 % of MemTotal)" tcp_mem_fits
-no_tcp_mem_warning() { ! g edgegate tune --check | grep tcp_mem; }
+# Not `! g ... | grep`: under pipefail tune's own exit 1 (a fatal finding)
+# would make that pass whatever it printed.
+no_tcp_mem_warning() {
+    local out
+    out=$(g edgegate tune --check)
+    ! grep tcp_mem <<<"$out"
+}
 check "tune --check has no tcp_mem finding" no_tcp_mem_warning
 check "edgegate tune --check passes on the installed host" \
     g edgegate tune --check --config /etc/edgegate/edgegate.toml
@@ -424,9 +368,9 @@ check "the running process still has the old binary (exe deleted)" old_binary
 check "apt printed that the service was not restarted" grep -q "was NOT restarted" "$WORK/apt-upgrade.log"
 check "the edited configuration survived the upgrade" g "grep -qx 'drain_window_secs = 10' /etc/edgegate/edgegate.toml"
 new_binary() {
-    local pid
+    local pid exe
     g systemctl restart edgegate && pid=$(unit_prop MainPID) && [ "$pid" != "$PID_OLD" ] &&
-        ! g readlink "/proc/$pid/exe" | grep deleted
+        exe=$(g readlink "/proc/$pid/exe") && echo "$exe" && ! grep deleted <<<"$exe"
 }
 check "systemctl restart starts the new binary" new_binary
 check "after the upgrade the echo works again" wait_for 60 echo_round_trip b
