@@ -29,9 +29,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::gateway::Shared;
 use crate::link::ServicePool;
+use crate::metrics::Metrics;
 use crate::scheduler::Probe;
+use crate::state::{Admission, Lifecycle};
 
 /// Admin connections served at once; more wait in the kernel's accept queue.
 /// Scrapers and health checkers are a handful per host.
@@ -51,11 +52,15 @@ const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 /// `promtool check metrics`, older scrapers).
 const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// What the admin endpoint reads: a shareable view of a running gateway.
+/// What the admin endpoint reads: a shareable view of a running gateway,
+/// made of the narrow handles it needs (the metrics and their registry,
+/// connection counts, the lifecycle for readiness, link pools, the probe).
 #[derive(Debug)]
 pub struct GatewayView {
     registry: Registry,
-    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    admission: Arc<Admission>,
+    lifecycle: Arc<Lifecycle>,
     pools: Vec<Arc<ServicePool>>,
     probe: Arc<Probe>,
 }
@@ -79,13 +84,17 @@ impl std::fmt::Display for NotReady {
 impl GatewayView {
     pub fn new(
         registry: Registry,
-        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+        admission: Arc<Admission>,
+        lifecycle: Arc<Lifecycle>,
         pools: Vec<Arc<ServicePool>>,
         probe: Arc<Probe>,
     ) -> Self {
         Self {
             registry,
-            shared,
+            metrics,
+            admission,
+            lifecycle,
             pools,
             probe,
         }
@@ -94,17 +103,17 @@ impl GatewayView {
     /// The text exposition of every metric, with the scrape-time gauges
     /// (link queues, connections, process) refreshed first.
     pub fn encode_metrics(&self) -> String {
-        let m = &self.shared.metrics;
+        let m = &self.metrics;
         for pool in &self.pools {
             m.link_queue_depth
                 .get_or_create(&[("service", pool.name.to_string())])
                 .set(i64::try_from(pool.queued_frames()).unwrap_or(i64::MAX));
         }
         m.connections
-            .set(i64::try_from(self.shared.connections()).unwrap_or(i64::MAX));
+            .set(i64::try_from(self.admission.connections()).unwrap_or(i64::MAX));
         // Process gauges: a few small reads, whatever the number of clients.
         let links: usize = self.pools.iter().map(|p| p.links_up()).sum();
-        let held_sockets = (self.shared.connections() + links) as u64;
+        let held_sockets = (self.admission.connections() + links) as u64;
         if let Some(rss) = crate::process::resident_bytes() {
             m.resident_memory.set(saturating_i64(rss));
         }
@@ -131,7 +140,7 @@ impl GatewayView {
     /// # Errors
     /// The first reason it is not.
     pub fn readiness(&self) -> Result<(), NotReady> {
-        if self.shared.is_leaving() {
+        if self.lifecycle.is_leaving() {
             return Err(NotReady::Draining);
         }
         match self.pools.iter().find(|p| p.links_up() == 0) {

@@ -5,10 +5,41 @@
 //! reaches a service. Verified claims travel to the service in the client's
 //! open frame as a JSON object.
 
+use std::path::PathBuf;
+
 use bytes::Bytes;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
-use crate::config::{AuthConfig, AuthMode, JwtAlgorithm};
+/// JWT algorithms EdgeGate verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    Hs256,
+    Rs256,
+    Es256,
+    EdDsa,
+}
+
+#[derive(Debug, Clone)]
+pub enum AuthMode {
+    /// Every client is accepted with empty claims (demo and tests).
+    None,
+    Jwt {
+        algorithm: JwtAlgorithm,
+        key_path: PathBuf,
+        /// The key file's bytes, read at check time so a reload sees the new key.
+        key: Vec<u8>,
+        audience: String,
+        issuer: Option<String>,
+        leeway_secs: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Empty allows any Origin, including none.
+    pub allowed_origins: Vec<String>,
+}
 
 /// Why a client was not let in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -15,6 +15,7 @@
 //!   write timeout.
 //! - Every session ends with one [`CloseReason`], logged and counted.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,12 +23,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use edgegate_link::proto::{ClientId, Frame, Kind};
+use edgegate_link::proto::{ClientId, Frame, Kind, CLIENT_MESSAGE_OVERHEAD};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, Instant, Sleep};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, StatusCode};
@@ -36,81 +37,15 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::debug;
 
+use crate::close::CloseReason;
 use crate::config::Protocol;
 use crate::framed::FramedClient;
-use crate::gateway::{Settings, Shared};
 use crate::link::{LinkHandle, ServicePool};
-use crate::listener::ListenerCtx;
 use crate::metrics::Phase;
 use crate::outbox::ClientHandle;
+use crate::state::{Settings, Shared};
+use crate::tls::ReloadableAcceptor;
 
-/// Who or what ended a client session. A log field and the `reason` label
-/// of `edgegate_clients_closed_total`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client sent a close frame with this code.
-    Client { code: u16 },
-    /// The client's connection ended without a close frame (EOF, reset).
-    ClientGone,
-    /// The service asked to close the client with this code.
-    Service { code: u16 },
-    /// The gateway is draining (close 1001).
-    Shutdown,
-    /// Nothing (not even a pong) arrived within the heartbeat timeout.
-    HeartbeatTimeout,
-    /// A write did not complete within the write timeout.
-    WriteTimeout,
-    /// The outbound queue overflowed under the `close` policy (close 1008).
-    SlowReader,
-    /// A message above `max_message_bytes` (close 1009).
-    MessageTooBig,
-    /// A protocol violation or invalid UTF-8 (close 1002 / 1007).
-    ProtocolError,
-    /// The client's link stayed full past the backpressure timeout (close 1013).
-    LinkBackpressure,
-    /// The client's link dropped (close 1012).
-    LinkLost,
-    /// The service had no link up when the client arrived (close 1013).
-    NoLink,
-}
-
-impl CloseReason {
-    /// Every label value, so the series exist from start-up.
-    pub const LABELS: [&'static str; 12] = [
-        "client",
-        "client_gone",
-        "service",
-        "shutdown",
-        "heartbeat_timeout",
-        "write_timeout",
-        "slow_reader",
-        "message_too_big",
-        "protocol_error",
-        "link_backpressure",
-        "link_lost",
-        "no_link",
-    ];
-
-    pub fn label(&self) -> &'static str {
-        match self {
-            CloseReason::Client { .. } => "client",
-            CloseReason::ClientGone => "client_gone",
-            CloseReason::Service { .. } => "service",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
-            CloseReason::WriteTimeout => "write_timeout",
-            CloseReason::SlowReader => "slow_reader",
-            CloseReason::MessageTooBig => "message_too_big",
-            CloseReason::ProtocolError => "protocol_error",
-            CloseReason::LinkBackpressure => "link_backpressure",
-            CloseReason::LinkLost => "link_lost",
-            CloseReason::NoLink => "no_link",
-        }
-    }
-}
-
-/// Close code sent when the heartbeat times out (4000 + HTTP 408).
-pub const HEARTBEAT_TIMEOUT_CODE: u16 = 4408;
 /// Bound on the close handshake once a close frame is sent.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a connection may hold a handshake permit before its whole
@@ -123,6 +58,21 @@ const SLOW_READER_CLOSE_TIMEOUT: Duration = Duration::from_millis(100);
 const PING_SLACK: Duration = Duration::from_millis(10);
 /// Messages written between two flushes when a burst is queued.
 const WRITE_BATCH: usize = 64;
+
+/// What the clients of one listener share.
+#[derive(Debug)]
+pub struct ListenerCtx {
+    pub name: String,
+    pub protocol: Protocol,
+    /// Path → index into `services`.
+    pub routes: HashMap<String, usize>,
+    /// The link pools, indexed by the config's service order.
+    pub services: Vec<Arc<ServicePool>>,
+    pub tls: ReloadableAcceptor,
+    /// The handshake permits shared by every listener (see `listener::accept_loop`).
+    pub permits: Arc<Semaphore>,
+    pub shared: Arc<Shared>,
+}
 
 /// What the upgrade decided about a client.
 #[derive(Debug)]
@@ -190,12 +140,12 @@ pub async fn serve(
     };
     debug!(reason = reason.label(), "client closed");
     shared.metrics.closed(protocol, &reason);
-    shared.release_connection(addr.ip());
+    shared.admission.release(addr.ip());
 }
 
 fn handshake_failed(shared: &Shared, addr: SocketAddr, phase: Phase) {
     shared.metrics.handshake_failed(phase);
-    shared.release_connection(addr.ip());
+    shared.admission.release(addr.ip());
 }
 
 fn session_started(shared: &Shared, protocol: Protocol, started: Instant) {
@@ -572,7 +522,7 @@ async fn hello_phase(
 fn close_message(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
         code: CloseCode::from(code),
-        reason: crate::link::truncate_reason(reason.to_owned()).into(),
+        reason: crate::close::close_text(reason).to_owned().into(),
     }))
 }
 
@@ -651,15 +601,13 @@ where
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let Some(link) = pool.pick(id) else {
-        Box::pin(close(
+        return Box::pin(close(
             &mut ws,
             &mut timer,
-            1013,
-            "service unavailable",
+            CloseReason::NoLink,
             limits.write_timeout,
         ))
         .await;
-        return CloseReason::NoLink;
     };
     let handle = Arc::new(ClientHandle::new(
         id,
@@ -669,10 +617,8 @@ where
     ));
     shared.clients.insert(handle.clone());
     link.bind(id);
-    if shared.is_draining() {
-        handle
-            .outbox
-            .close(CloseReason::Shutdown, 1001, "gateway draining");
+    if shared.lifecycle.is_draining() {
+        handle.outbox.close(CloseReason::Shutdown);
     }
     let open = Frame::ClientOpen {
         client: id,
@@ -681,41 +627,29 @@ where
         claims: admission.claims,
     };
     let until = Instant::now() + limits.link_backpressure_timeout;
-    let reason = match Box::pin(bounded(&mut timer, until, link.tx.send(open))).await {
+    let opened = Box::pin(bounded(&mut timer, until, link.tx.send(open))).await;
+    let reason = match opened {
         Some(Ok(())) => session(&mut ws, &mut timer, &handle, &link, shared, settings).await,
         Some(Err(_)) => {
             Box::pin(close(
                 &mut ws,
                 &mut timer,
-                1012,
-                "service link lost",
+                CloseReason::LinkLost,
                 limits.write_timeout,
             ))
-            .await;
-            CloseReason::LinkLost
+            .await
         }
         None => {
-            Box::pin(close(
-                &mut ws,
-                &mut timer,
-                1013,
-                "service busy",
-                limits.write_timeout,
-            ))
-            .await;
-            CloseReason::LinkBackpressure
+            let reason = CloseReason::LinkBackpressure;
+            Box::pin(close(&mut ws, &mut timer, reason, limits.write_timeout)).await
         }
     };
 
     shared.clients.remove(id);
     shared.topics.remove_client(&handle, &shared.metrics);
     link.unbind(id);
-    if !matches!(reason, CloseReason::LinkLost) {
-        let (code, text) = match &reason {
-            CloseReason::Client { code } => (*code, "client closed"),
-            CloseReason::Service { code } => (*code, "service closed"),
-            other => (1006, other.label()),
-        };
+    if reason.tells_service() {
+        let (code, text) = reason.for_service();
         let frame = Frame::ClientClose {
             client: id,
             code,
@@ -751,11 +685,7 @@ where
     loop {
         // A slow reader under the `close` policy is closed without writing
         // the backlog that overflowed.
-        if handle
-            .outbox
-            .close_request()
-            .is_some_and(|r| r.reason == CloseReason::SlowReader)
-        {
+        if handle.outbox.overflowed() {
             return Box::pin(slow_reader_close(ws, timer, shared)).await;
         }
         // Write what is queued (bounded), then carry out a requested close.
@@ -773,12 +703,11 @@ where
                 None => return Box::pin(slow_reader_close(ws, timer, shared)).await,
             }
         }
-        if let Some(req) = handle.outbox.close_request() {
-            if req.reason == CloseReason::Shutdown {
+        if let Some(reason) = handle.outbox.close_request() {
+            if reason == CloseReason::Shutdown {
                 shared.metrics.drain_closed.inc();
             }
-            Box::pin(close(ws, timer, req.code, &req.text, limits.write_timeout)).await;
-            return req.reason;
+            return Box::pin(close(ws, timer, reason, limits.write_timeout)).await;
         }
 
         // The timer's next job: the earliest of ping and backpressure deadline.
@@ -799,10 +728,7 @@ where
                         permit.send(frame);
                     }
                 }
-                Err(_) => {
-                    Box::pin(close(ws, timer, 1012, "service link lost", limits.write_timeout)).await;
-                    return CloseReason::LinkLost;
-                }
+                Err(_) => return Box::pin(close(ws, timer, CloseReason::LinkLost, limits.write_timeout)).await,
             },
             msg = ws.next(), if pending.is_none() => {
                 last_seen = Instant::now();
@@ -825,6 +751,12 @@ where
                 };
                 shared.metrics.messages_in.inc();
                 shared.metrics.bytes_in.inc_by(payload.len() as u64);
+                if payload.len() + CLIENT_MESSAGE_OVERHEAD > link.max_frame_bytes {
+                    // Within max_message_bytes but over the service's frame
+                    // cap: sent, it would make the service drop the link and
+                    // every client on it.
+                    return Box::pin(close(ws, timer, CloseReason::MessageTooBig, limits.write_timeout)).await;
+                }
                 let frame = Frame::ClientMessage { client: handle.id, kind, payload };
                 match link.tx.try_send(frame) {
                     Ok(()) => {}
@@ -833,22 +765,19 @@ where
                         pending = Some((frame, Instant::now() + limits.link_backpressure_timeout));
                     }
                     Err(TrySendError::Closed(_)) => {
-                        Box::pin(close(ws, timer, 1012, "service link lost", limits.write_timeout)).await;
-                        return CloseReason::LinkLost;
+                        return Box::pin(close(ws, timer, CloseReason::LinkLost, limits.write_timeout)).await;
                     }
                 }
             }
             () = timer.as_mut() => {
                 let now = Instant::now();
                 if pending.as_ref().is_some_and(|(_, until)| now >= *until) {
-                    Box::pin(close(ws, timer, 1013, "service busy", limits.write_timeout)).await;
-                    return CloseReason::LinkBackpressure;
+                    return Box::pin(close(ws, timer, CloseReason::LinkBackpressure, limits.write_timeout)).await;
                 }
                 if now >= ping_due {
                     let idle = now.duration_since(last_seen);
                     if idle >= hb.ping_timeout {
-                        Box::pin(close(ws, timer, HEARTBEAT_TIMEOUT_CODE, "heartbeat timeout", limits.write_timeout)).await;
-                        return CloseReason::HeartbeatTimeout;
+                        return Box::pin(close(ws, timer, CloseReason::HeartbeatTimeout, limits.write_timeout)).await;
                     }
                     ping_due = if idle + PING_SLACK >= hb.ping_interval {
                         // Boxed: a ping is rare (one per interval) and its future is large.
@@ -876,11 +805,7 @@ where
 /// Cancel safe.
 async fn overflowed(handle: &ClientHandle) {
     loop {
-        if handle
-            .outbox
-            .close_request()
-            .is_some_and(|r| r.reason == CloseReason::SlowReader)
-        {
+        if handle.outbox.overflowed() {
             return;
         }
         handle.outbox.ready().await;
@@ -901,12 +826,10 @@ where
     close(
         ws,
         timer,
-        1008,
-        "slow reader: outbound queue full",
+        CloseReason::SlowReader,
         SLOW_READER_CLOSE_TIMEOUT,
     )
-    .await;
-    CloseReason::SlowReader
+    .await
 }
 
 /// Writes queued messages, flushing every [`WRITE_BATCH`] and at the end.
@@ -945,105 +868,35 @@ where
     use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
     match e {
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            close(ws, timer, 1009, "message too big", write_timeout).await;
-            CloseReason::MessageTooBig
+            close(ws, timer, CloseReason::MessageTooBig, write_timeout).await
         }
-        WsError::Utf8(_) => {
-            close(ws, timer, 1007, "invalid utf-8", write_timeout).await;
-            CloseReason::ProtocolError
-        }
+        WsError::Utf8(_) => close(ws, timer, CloseReason::InvalidUtf8, write_timeout).await,
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::ClientGone,
         WsError::Protocol(_) | WsError::Capacity(_) => {
-            close(ws, timer, 1002, "protocol error", write_timeout).await;
-            CloseReason::ProtocolError
+            close(ws, timer, CloseReason::ProtocolError, write_timeout).await
         }
         _ => CloseReason::ClientGone,
     }
 }
 
-/// Sends a close frame, bounded; the socket is dropped after.
+/// Sends the close frame of `reason` (if it has one), bounded, and returns
+/// `reason`; the socket is dropped after.
 async fn close<S>(
     ws: &mut S,
     timer: &mut Timer<'_>,
-    code: u16,
-    reason: &str,
+    reason: CloseReason,
     write_timeout: Duration,
-) where
+) -> CloseReason
+where
     S: Sink<Message, Error = WsError> + Unpin,
 {
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.to_owned().into(),
-    };
-    let until = Instant::now() + write_timeout.min(CLOSE_TIMEOUT);
-    let _ = bounded(timer, until, ws.send(Message::Close(Some(frame)))).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Bytes the task of one client may occupy (its future, allocated once
-    /// for the client's whole life). Measured at 1,592 bytes (release) and
-    /// 1,608 (debug) with rustls 0.23 / tungstenite 0.30 on x86_64: the
-    /// session loop is ~840 of it. Unboxed handshake states or a stream moved
-    /// inline add kilobytes (6,280 bytes before the phases were boxed), which
-    /// this budget catches.
-    const CLIENT_FUTURE_BUDGET: usize = 1700;
-
-    #[tokio::test]
-    async fn client_task_future_stays_within_budget() {
-        let dir = std::env::temp_dir().join(format!("edgegate-future-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (cert, key) = crate::tls::self_signed().unwrap();
-        std::fs::write(dir.join("c.pem"), cert).unwrap();
-        std::fs::write(dir.join("k.pem"), key).unwrap();
-        let text = format!(
-            "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls_cert_path = \"{0}/c.pem\"\ntls_key_path = \"{0}/k.pem\"\n\n[[route]]\nlistener = \"t\"\npath = \"/\"\nservice = \"s\"\n\n[[service]]\nname = \"s\"\naddresses = [\"127.0.0.1:9\"]\n",
-            dir.display()
-        );
-        let config = crate::Config::from_toml(&dir.join("e.toml"), &text, []).unwrap();
-        let gw = crate::Gateway::start(&config).await.unwrap();
-        let ctx = gw.listener_ctx(0);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let addr = stream.local_addr().unwrap();
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .acquire_owned()
-            .await
-            .unwrap();
-        let fut = serve(stream, addr, 1, ctx, permit);
-        let size = std::mem::size_of_val(&fut);
-        println!("client task future: {size} bytes");
-        assert!(
-            size <= CLIENT_FUTURE_BUDGET,
-            "client future grew to {size} bytes (budget {CLIENT_FUTURE_BUDGET})"
-        );
-        drop(fut);
-        gw.shutdown(Duration::ZERO).await;
-        let _ = std::fs::remove_dir_all(&dir);
+    if let Some((code, text)) = reason.frame() {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: text.to_owned().into(),
+        };
+        let until = Instant::now() + write_timeout.min(CLOSE_TIMEOUT);
+        let _ = bounded(timer, until, ws.send(Message::Close(Some(frame)))).await;
     }
-
-    #[test]
-    fn close_reason_labels_are_listed() {
-        let all = [
-            CloseReason::Client { code: 1000 },
-            CloseReason::ClientGone,
-            CloseReason::Service { code: 4000 },
-            CloseReason::Shutdown,
-            CloseReason::HeartbeatTimeout,
-            CloseReason::WriteTimeout,
-            CloseReason::SlowReader,
-            CloseReason::MessageTooBig,
-            CloseReason::ProtocolError,
-            CloseReason::LinkBackpressure,
-            CloseReason::LinkLost,
-            CloseReason::NoLink,
-        ];
-        for r in all {
-            assert!(CloseReason::LABELS.contains(&r.label()), "{r:?}");
-        }
-    }
+    reason
 }

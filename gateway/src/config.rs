@@ -13,6 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+// The auth section's checked form lives with the code that uses it, so auth
+// needs nothing from here.
+pub use crate::auth::{AuthConfig, AuthMode, JwtAlgorithm};
+
 /// Where `edgegate run` and `edgegate check-config` look without `--config`.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/edgegate/edgegate.toml";
 
@@ -369,37 +373,6 @@ pub struct Limits {
 pub struct Heartbeat {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
-}
-
-/// JWT algorithms EdgeGate verifies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JwtAlgorithm {
-    Hs256,
-    Rs256,
-    Es256,
-    EdDsa,
-}
-
-#[derive(Debug, Clone)]
-pub enum AuthMode {
-    /// Every client is accepted with empty claims (demo and tests).
-    None,
-    Jwt {
-        algorithm: JwtAlgorithm,
-        key_path: PathBuf,
-        /// The key file's bytes, read at check time so a reload sees the new key.
-        key: Vec<u8>,
-        audience: String,
-        issuer: Option<String>,
-        leeway_secs: u64,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct AuthConfig {
-    pub mode: AuthMode,
-    /// Empty allows any Origin, including none.
-    pub allowed_origins: Vec<String>,
 }
 
 impl Config {

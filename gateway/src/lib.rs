@@ -11,27 +11,34 @@
 //! - **topic**: a named group of clients a service publishes to in one frame.
 //!
 //! # Layout
-//! - [`config`]: TOML file → raw struct → checked [`config::Config`].
+//! Lowest layer first; a module imports only its own layer and those below
+//! (checked by `tests/tools/import_graph.py`, layers in
+//! `tests/tools/import_graph.toml`).
 //! - [`runtime`]: the explicitly built Tokio runtime, `RLIMIT_NOFILE`.
-//! - [`listener`]: bind with backlog; the accept loop (permit, cap, spawn).
-//! - [`backlog`]: kernel accept-queue overflows as metrics and warnings.
-//! - [`tls`]: certificates and the reloadable acceptor.
+//! - [`logging`]: journald when stderr is the journal, plain stderr otherwise.
+//! - [`process`]: resident memory, open fds, jemalloc statistics.
+//! - [`close`]: why a client's session ended: its close frame, metric label
+//!   and what the service is told.
+//! - [`config`]: TOML file → raw struct → checked [`config::Config`].
 //! - [`auth`]: JWT and Origin checks done during the upgrade.
-//! - [`client`]: one client's life: TLS → upgrade (or framed Hello) → session → close.
-//! - [`framed`]: the framed client protocol as a stream of messages.
+//! - [`tls`]: certificates and the reloadable acceptor.
+//! - [`metrics`]: every metric name.
 //! - [`outbox`]: a client's bounded outbound queue and handle.
 //! - [`registry`]: connected clients by id (sharded).
 //! - [`topics`]: topic membership and fan-out (sharded, batched).
+//! - [`state`]: what the whole gateway shares: admission (the client cap),
+//!   lifecycle (drain, leave), the settings a reload swaps.
 //! - [`link`]: link pools, dialling, the link reader and writer.
-//! - [`metrics`]: every metric name.
-//! - [`gateway`]: assembly, reload and drain.
+//! - [`framed`]: the framed client protocol as a stream of messages.
+//! - [`client`]: one client's life: TLS → upgrade (or framed Hello) → session → close.
+//! - [`listener`]: bind with backlog; the accept loop (permit, cap, spawn).
 //! - [`admin`]: the admin endpoint: `/metrics`, `/healthz`, `/readyz`.
+//! - [`backlog`]: kernel accept-queue overflows as metrics and warnings.
 //! - [`scheduler`]: the poll-delay probe, runtime metrics, the summary log line.
-//! - [`process`]: resident memory, open fds, jemalloc statistics.
-//! - [`logging`]: journald when stderr is the journal, plain stderr otherwise.
-//! - [`preflight`]: `edgegate tune --check`: host limits and sysctls vs. the config.
-//! - [`shutdown`]: signals: SIGHUP reload, SIGTERM drain.
 //! - [`systemd`]: sd_notify readiness, status and watchdog.
+//! - [`preflight`]: `edgegate tune --check`: host limits and sysctls vs. the config.
+//! - [`gateway`]: assembly, reload and drain.
+//! - [`shutdown`]: signals: SIGHUP reload, SIGTERM drain.
 //! - [`demo`]: `edgegate demo`.
 //!
 //! # A client's life
@@ -55,6 +62,7 @@ pub mod admin;
 pub mod auth;
 pub mod backlog;
 pub mod client;
+pub mod close;
 pub mod config;
 pub mod demo;
 pub mod framed;
@@ -70,6 +78,7 @@ pub mod registry;
 pub mod runtime;
 pub mod scheduler;
 pub mod shutdown;
+pub mod state;
 pub mod systemd;
 pub mod tls;
 pub mod topics;

@@ -22,12 +22,16 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use edgegate_link::proto::{ClientId, Frame, FrameCodec, Kind, PROTOCOL_VERSION};
+use edgegate_link::proto::{
+    frame_cap_for_messages, ClientId, Frame, FrameCodec, Kind, CLIENT_MESSAGE_OVERHEAD,
+    MIN_FRAME_BYTES, PROTOCOL_VERSION,
+};
 use futures_util::{SinkExt, StreamExt};
+use parking_lot::{Mutex, RwLock};
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -38,13 +42,10 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::client::CloseReason;
+use crate::close::CloseReason;
 use crate::config::ServiceConfig;
-use crate::gateway::Shared;
 use crate::outbox::ClientHandle;
-
-/// Largest frame a service may send: a client message plus framing.
-pub const MAX_LINK_FRAME_BYTES: usize = 64 * 1024 * 1024 + 1024;
+use crate::state::Shared;
 
 /// Link ids are unique in the process, for logs.
 static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
@@ -56,23 +57,28 @@ pub struct LinkHandle {
     pub service: Arc<str>,
     /// The link's bounded queue towards the service.
     pub tx: mpsc::Sender<Frame>,
+    /// The largest frame the service accepts (from its `Hello`): a client
+    /// frame above it is refused for that client, never sent, because the
+    /// service would drop the whole link on it.
+    pub max_frame_bytes: usize,
     /// Clients bound to this link, closed with 1012 if it drops.
     clients: Mutex<HashSet<ClientId>>,
 }
 
 impl LinkHandle {
+    /// Whether the service accepts `frame` (its length within the service's cap).
+    pub fn carries(&self, frame: &Frame) -> bool {
+        frame
+            .wire_len()
+            .is_ok_and(|len| len <= self.max_frame_bytes)
+    }
+
     pub fn bind(&self, client: ClientId) {
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(client);
+        self.clients.lock().insert(client);
     }
 
     pub fn unbind(&self, client: ClientId) {
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&client);
+        self.clients.lock().remove(&client);
     }
 }
 
@@ -96,33 +102,25 @@ impl ServicePool {
     pub fn pick(&self, client: ClientId) -> Option<Arc<LinkHandle>> {
         let n = self.slots.len();
         let start = (client as usize) % n;
-        (0..n).find_map(|i| {
-            self.slots[(start + i) % n]
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-        })
+        (0..n).find_map(|i| self.slots[(start + i) % n].read().clone())
     }
 
     /// Links up right now.
     pub fn links_up(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| s.read().unwrap_or_else(|e| e.into_inner()).is_some())
-            .count()
+        self.slots.iter().filter(|s| s.read().is_some()).count()
     }
 
     /// Frames queued over all up links (for the queue-depth gauge).
     pub fn queued_frames(&self) -> usize {
         self.slots
             .iter()
-            .filter_map(|s| s.read().unwrap_or_else(|e| e.into_inner()).clone())
+            .filter_map(|s| s.read().clone())
             .map(|l| l.tx.max_capacity() - l.tx.capacity())
             .sum()
     }
 
     fn set(&self, slot: usize, link: Option<Arc<LinkHandle>>) {
-        *self.slots[slot].write().unwrap_or_else(|e| e.into_inner()) = link;
+        *self.slots[slot].write() = link;
     }
 }
 
@@ -170,11 +168,25 @@ enum DialError {
 type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>;
 type Writer = FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>;
 
+/// A link just through its `Hello` exchange.
+struct Dialled {
+    reader: Reader,
+    writer: Writer,
+    /// The service's name, from its `Hello`.
+    service_name: String,
+    /// The largest frame the service accepts, from its `Hello`.
+    max_frame_bytes: usize,
+}
+
+/// Dials `addr` and exchanges `Hello`s. The gateway accepts frames up to
+/// `max_frame_bytes` (said in its `Hello`) and sends none larger than the
+/// service's.
 async fn dial(
     addr: &str,
     config: &ServiceConfig,
     gateway_name: &str,
-) -> Result<(Reader, Writer, String), DialError> {
+    max_frame_bytes: usize,
+) -> Result<Dialled, DialError> {
     let stream = timeout(config.connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| DialError::Timeout { addr: addr.into() })?
@@ -185,8 +197,9 @@ async fn dial(
     // Links carry many small frames; batching happens in the writer.
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
-    let mut reader = FramedRead::new(r, FrameCodec::new(MAX_LINK_FRAME_BYTES));
-    let mut writer = FramedWrite::new(w, FrameCodec::new(MAX_LINK_FRAME_BYTES));
+    let mut reader = FramedRead::new(r, FrameCodec::new(max_frame_bytes));
+    // Only Hello goes out until the service has said its cap.
+    let mut writer = FramedWrite::new(w, FrameCodec::default());
     let hello_err = |message: String| DialError::Hello {
         addr: addr.into(),
         message,
@@ -195,6 +208,7 @@ async fn dial(
         .send(Frame::Hello {
             version: PROTOCOL_VERSION,
             name: gateway_name.to_owned(),
+            max_frame_bytes: u32::try_from(max_frame_bytes).unwrap_or(u32::MAX),
         })
         .await
         .map_err(|e| hello_err(e.to_string()))?;
@@ -202,8 +216,24 @@ async fn dial(
         Err(_) => Err(hello_err("no hello within connect_timeout_secs".into())),
         Ok(None) => Err(hello_err("closed before hello".into())),
         Ok(Some(Err(e))) => Err(hello_err(e.to_string())),
-        Ok(Some(Ok(Frame::Hello { version, name }))) if version == PROTOCOL_VERSION => {
-            Ok((reader, writer, name))
+        Ok(Some(Ok(Frame::Hello {
+            version,
+            name,
+            max_frame_bytes: peer_max,
+        }))) if version == PROTOCOL_VERSION => {
+            let peer_max = usize::try_from(peer_max).unwrap_or(usize::MAX);
+            if peer_max < MIN_FRAME_BYTES {
+                return Err(hello_err(format!(
+                    "service accepts frames up to {peer_max} bytes, below the protocol's minimum {MIN_FRAME_BYTES}"
+                )));
+            }
+            *writer.encoder_mut() = FrameCodec::new(peer_max);
+            Ok(Dialled {
+                reader,
+                writer,
+                service_name: name,
+                max_frame_bytes: peer_max,
+            })
         }
         Ok(Some(Ok(Frame::Hello { version, .. }))) => Err(hello_err(format!(
             "service speaks version {version}, gateway {PROTOCOL_VERSION}"
@@ -245,12 +275,19 @@ async fn run_slot(
         }
         let addr = &config.addresses[(slot + attempt) % config.addresses.len()];
         attempt += 1;
+        // The largest message a service may send is also max_message_bytes.
+        let own_max = frame_cap_for_messages(shared.settings().limits.max_message_bytes);
         let dialled = tokio::select! {
-            r = dial(addr, &config, &gateway_name) => r,
+            r = dial(addr, &config, &gateway_name, own_max) => r,
             () = stop.cancelled() => return,
         };
         match dialled {
-            Ok((reader, writer, service_name)) => {
+            Ok(Dialled {
+                reader,
+                writer,
+                service_name,
+                max_frame_bytes,
+            }) => {
                 failures = 0;
                 backoff = config.reconnect_min;
                 let (tx, rx) = mpsc::channel(config.link_queue_frames);
@@ -258,18 +295,26 @@ async fn run_slot(
                     id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed),
                     service: pool.name.clone(),
                     tx,
+                    max_frame_bytes,
                     clients: Mutex::new(HashSet::new()),
                 });
-                info!(service = %config.name, link.id = link.id, %addr, peer = %service_name, slot, "link up");
+                info!(service = %config.name, link.id = link.id, %addr, peer = %service_name, slot, max_frame_bytes, "link up");
+                let max_message = shared.settings().limits.max_message_bytes;
+                if max_message + CLIENT_MESSAGE_OVERHEAD > max_frame_bytes {
+                    warn!(
+                        service = %config.name, link.id = link.id, max_frame_bytes, max_message_bytes = max_message,
+                        "the service accepts smaller frames than limits.max_message_bytes needs: client messages above {} bytes are refused with 1009",
+                        max_frame_bytes - CLIENT_MESSAGE_OVERHEAD
+                    );
+                }
                 pool.set(slot, Some(link.clone()));
                 shared.metrics.links_up.get_or_create(&label).inc();
                 let end = run_link(&link, reader, writer, rx, &config, &shared, &stop).await;
                 pool.set(slot, None);
                 shared.metrics.links_up.get_or_create(&label).dec();
-                let bound: Vec<ClientId> =
-                    std::mem::take(&mut *link.clients.lock().unwrap_or_else(|e| e.into_inner()))
-                        .into_iter()
-                        .collect();
+                let bound: Vec<ClientId> = std::mem::take(&mut *link.clients.lock())
+                    .into_iter()
+                    .collect();
                 if stop.is_cancelled() {
                     info!(service = %config.name, link.id = link.id, "link closed");
                     return;
@@ -277,8 +322,7 @@ async fn run_slot(
                 warn!(service = %config.name, link.id = link.id, %addr, reason = %end, clients = bound.len(), "link down; closing its clients with 1012");
                 for id in bound {
                     if let Some(c) = shared.clients.get(id) {
-                        c.outbox
-                            .close(CloseReason::LinkLost, 1012, "service link lost");
+                        c.outbox.close(CloseReason::LinkLost);
                     }
                 }
             }
@@ -411,9 +455,12 @@ async fn dispatch(
             reason,
         } => {
             if let Some(c) = own_client(link, shared, client) {
-                let code = if valid_close_code(code) { code } else { 1011 };
-                c.outbox
-                    .close(CloseReason::Service { code }, code, truncate_reason(reason));
+                let code = if crate::close::valid_close_code(code) {
+                    code
+                } else {
+                    1011
+                };
+                c.outbox.close(CloseReason::service(code, &reason));
             }
         }
         Frame::Subscribe { client, topic } => {
@@ -469,21 +516,4 @@ pub fn to_message(kind: Kind, payload: Bytes) -> Option<Message> {
         Kind::Binary => Some(Message::Binary(payload)),
         Kind::Text => Utf8Bytes::try_from(payload).ok().map(Message::Text),
     }
-}
-
-/// Close codes a server may send (RFC 6455 §7.4): 1000-1003, 1007-1014, 3000-4999.
-pub fn valid_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
-}
-
-/// Close reasons must fit a control frame (123 bytes), cut at a char boundary.
-pub fn truncate_reason(mut reason: String) -> String {
-    if reason.len() > 123 {
-        let mut cut = 123;
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        reason.truncate(cut);
-    }
-    reason
 }

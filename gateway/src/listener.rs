@@ -14,7 +14,6 @@
 //! - Accept errors never end the loop. EMFILE/ENFILE back off (exponentially,
 //!   up to [`ACCEPT_BACKOFF_MAX`]) and are counted by kind.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,10 +24,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{warn, Instrument};
 
-use crate::config::Protocol;
-use crate::gateway::{Refused, Shared};
+use crate::client::ListenerCtx;
 use crate::metrics::AcceptError;
-use crate::tls::ReloadableAcceptor;
+use crate::state::Refused;
 
 /// First pause after an accept error that signals exhaustion.
 pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -49,21 +47,6 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
-}
-
-/// What the clients of one listener share.
-#[derive(Debug)]
-pub struct ListenerCtx {
-    pub name: String,
-    pub protocol: Protocol,
-    /// Path → index into [`Shared::services`].
-    pub routes: HashMap<String, usize>,
-    /// The link pools, indexed by the config's service order.
-    pub services: Vec<Arc<crate::link::ServicePool>>,
-    pub tls: ReloadableAcceptor,
-    /// The handshake permits shared by every listener (see [`accept_loop`]).
-    pub permits: Arc<Semaphore>,
-    pub shared: Arc<Shared>,
 }
 
 /// Runs the accept loop until `stop` is cancelled.
@@ -115,7 +98,7 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        if let Err(refused) = shared.try_take_connection(addr.ip()) {
+        if let Err(refused) = shared.admission.try_take(addr.ip()) {
             match refused {
                 Refused::MaxClients => shared.metrics.clients_refused.inc(),
                 Refused::PerAddress => shared.metrics.clients_refused_per_address.inc(),
@@ -124,7 +107,7 @@ pub async fn accept_loop(
             drop(stream);
             continue;
         }
-        let id = shared.next_client_id();
+        let id = shared.admission.next_client_id();
         let span = tracing::debug_span!("client", client.id = id, client.addr = %addr, listener = %ctx.name);
         tokio::spawn(crate::client::serve(stream, addr, id, ctx.clone(), permit).instrument(span));
     }

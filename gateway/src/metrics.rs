@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::client::CloseReason;
+use crate::close::CloseReason;
 use crate::config::{Protocol, SlowReaderPolicy};
 
 type Labels = [(&'static str, &'static str); 1];

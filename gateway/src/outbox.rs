@@ -12,13 +12,14 @@
 //!   critical section, so one slow client cannot stall a publish.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use edgegate_link::proto::ClientId;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::CloseReason;
+use crate::close::CloseReason;
 use crate::config::SlowReaderPolicy;
 
 /// Queue capacity kept across bursts; larger deques are released when empty.
@@ -34,18 +35,11 @@ pub enum Pushed {
     Refused,
 }
 
-/// A close the session must carry out after writing what is queued.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseRequest {
-    pub reason: CloseReason,
-    pub code: u16,
-    pub text: String,
-}
-
 #[derive(Debug, Default)]
 struct Inner {
     queue: VecDeque<Message>,
-    close: Option<CloseRequest>,
+    /// A close the session must carry out after writing what is queued.
+    close: Option<CloseReason>,
 }
 
 /// The bounded outbound queue of one client.
@@ -71,7 +65,7 @@ impl Outbox {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock leaves a consistent queue behind.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 
     /// Queues `msg`, applying the slow-reader policy when full.
@@ -92,11 +86,7 @@ impl Outbox {
                         Pushed::DroppedOldest
                     }
                     SlowReaderPolicy::Close => {
-                        inner.close = Some(CloseRequest {
-                            reason: CloseReason::SlowReader,
-                            code: 1008,
-                            text: "slow reader: outbound queue full".into(),
-                        });
+                        inner.close = Some(CloseReason::SlowReader);
                         Pushed::Refused
                     }
                 }
@@ -108,15 +98,11 @@ impl Outbox {
 
     /// Asks the session to close the client after what is queued. The first
     /// request wins.
-    pub fn close(&self, reason: CloseReason, code: u16, text: impl Into<String>) {
+    pub fn close(&self, reason: CloseReason) {
         {
             let mut inner = self.lock();
             if inner.close.is_none() {
-                inner.close = Some(CloseRequest {
-                    reason,
-                    code,
-                    text: text.into(),
-                });
+                inner.close = Some(reason);
             }
         }
         self.ready.notify_one();
@@ -138,8 +124,14 @@ impl Outbox {
     }
 
     /// The pending close request, if any.
-    pub fn close_request(&self) -> Option<CloseRequest> {
+    pub fn close_request(&self) -> Option<CloseReason> {
         self.lock().close.clone()
+    }
+
+    /// Whether the queue overflowed under the `close` policy: the session
+    /// closes without writing the backlog.
+    pub fn overflowed(&self) -> bool {
+        self.lock().close == Some(CloseReason::SlowReader)
     }
 
     /// Completes when something was pushed or a close requested since the
@@ -200,8 +192,8 @@ mod tests {
         let o = Outbox::new(1, SlowReaderPolicy::Close);
         assert_eq!(o.push(text("a")), Pushed::Queued);
         assert_eq!(o.push(text("b")), Pushed::Refused);
-        let close = o.close_request().unwrap();
-        assert_eq!((close.code, close.reason), (1008, CloseReason::SlowReader));
+        assert_eq!(o.close_request(), Some(CloseReason::SlowReader));
+        assert!(o.overflowed());
         // What was queued before the close is still written first.
         assert_eq!(o.pop(), Some(text("a")));
     }
@@ -209,9 +201,10 @@ mod tests {
     #[test]
     fn first_close_request_wins() {
         let o = Outbox::new(1, SlowReaderPolicy::DropOldest);
-        o.close(CloseReason::Shutdown, 1001, "going away");
-        o.close(CloseReason::Service { code: 4000 }, 4000, "later");
-        assert_eq!(o.close_request().unwrap().code, 1001);
+        o.close(CloseReason::Shutdown);
+        o.close(CloseReason::service(4000, "later"));
+        assert_eq!(o.close_request(), Some(CloseReason::Shutdown));
+        assert!(!o.overflowed());
         assert_eq!(o.push(text("x")), Pushed::Refused);
     }
 

@@ -5,9 +5,10 @@
 //! shards one at a time and never holds two locks.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use edgegate_link::proto::ClientId;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::outbox::ClientHandle;
 
@@ -34,9 +35,7 @@ impl Default for ClientRegistry {
 impl ClientRegistry {
     fn shard(&self, id: ClientId) -> MutexGuard<'_, Shard> {
         // Ids are sequential, so the low bits spread evenly.
-        self.shards[(id as usize) % SHARDS]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.shards[(id as usize) % SHARDS].lock()
     }
 
     pub fn insert(&self, handle: Arc<ClientHandle>) {
@@ -53,10 +52,7 @@ impl ClientRegistry {
 
     /// Number of clients (sums the shards; for status lines, not hot paths).
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
-            .sum()
+        self.shards.iter().map(|s| s.lock().len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,12 +64,7 @@ impl ClientRegistry {
     /// entries, ~50 µs to copy, while the whole registry would hold a worker
     /// for tens of milliseconds.
     pub fn shard_snapshot(&self, i: usize) -> Vec<Arc<ClientHandle>> {
-        self.shards[i % SHARDS]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.shards[i % SHARDS].lock().values().cloned().collect()
     }
 }
 
@@ -101,9 +92,7 @@ impl AddressCounts {
                 (u128::from(v6) as usize) ^ ((u128::from(v6) >> 64) as usize)
             }
         };
-        self.shards[i % SHARDS]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.shards[i % SHARDS].lock()
     }
 
     /// Counts a connection from `ip` unless it already has `max`.

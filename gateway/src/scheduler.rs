@@ -27,9 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Protocol;
-use crate::gateway::Shared;
 use crate::link::ServicePool;
 use crate::metrics::Metrics;
+use crate::state::Shared;
 
 /// How often the probe measures poll delay: 10 samples a second, so the
 /// 10 s summary has 100 of them for its p99.
@@ -222,7 +222,7 @@ impl Summary {
             rm.num_alive_tasks(),
             rm.global_queue_depth(),
             shared.clients.len(),
-            shared.connections(),
+            shared.admission.connections(),
             per_sec(accepted, self.accepted),
             per_sec(closed, self.closed),
             per_sec(failed, self.failed),
@@ -245,7 +245,7 @@ fn client_counters(m: &Metrics) -> (u64, u64, u64) {
                 .get()
         })
         .sum();
-    let closed = crate::client::CloseReason::LABELS
+    let closed = crate::close::CloseReason::LABELS
         .iter()
         .map(|r| m.clients_closed.get_or_create(&[("reason", *r)]).get())
         .sum();

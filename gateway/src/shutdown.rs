@@ -87,8 +87,9 @@ pub async fn serve(gateway: Gateway, config: &Config, signals: Signals) -> Resul
     // the watchdog and status refresh from inside the runtime.
     systemd::ready(&gateway.status_text());
     let status_stop = CancellationToken::new();
+    let shared = gateway.shared().clone();
     tokio::spawn(systemd::watchdog_and_status(
-        gateway.shared().clone(),
+        move || shared.status_text(),
         status_stop.clone(),
     ));
     info!(version = env!("CARGO_PKG_VERSION"), admin = %gateway.admin_addr(), "ready");

@@ -2,14 +2,11 @@
 //! reload and stop notifications. Every call is a no-op outside systemd
 //! (no `NOTIFY_SOCKET`).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
-
-use crate::gateway::Shared;
 
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -40,7 +37,8 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Pets the watchdog at half its interval and refreshes `STATUS=` from inside
 /// the runtime, so a stalled runtime stops petting it. Runs until `stop`.
-pub async fn watchdog_and_status(shared: Arc<Shared>, stop: CancellationToken) {
+/// `status` gives the current status line.
+pub async fn watchdog_and_status(status: impl Fn() -> String, stop: CancellationToken) {
     let watchdog = sd_notify::watchdog_enabled();
     let period = watchdog.map_or(STATUS_INTERVAL, |w| (w / 2).min(STATUS_INTERVAL));
     let mut tick = tokio::time::interval(period);
@@ -49,7 +47,7 @@ pub async fn watchdog_and_status(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let status = shared.status_text();
+        let status = status();
         if watchdog.is_some() {
             send(&[NotifyState::Watchdog, NotifyState::Status(&status)]);
         } else {

@@ -7,9 +7,10 @@
 //! already connected keep theirs.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -140,7 +141,7 @@ pub fn server_config_from(
 
 /// The acceptor a listener uses, swappable on reload.
 pub struct ReloadableAcceptor {
-    current: RwLock<Arc<ServerConfig>>,
+    current: ArcSwap<ServerConfig>,
 }
 
 impl std::fmt::Debug for ReloadableAcceptor {
@@ -152,21 +153,18 @@ impl std::fmt::Debug for ReloadableAcceptor {
 impl ReloadableAcceptor {
     pub fn new(config: ServerConfig) -> Self {
         Self {
-            current: RwLock::new(Arc::new(config)),
+            current: ArcSwap::from_pointee(config),
         }
     }
 
     /// The config for the next client (a cheap `Arc` clone).
     pub fn config(&self) -> Arc<ServerConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.load_full()
     }
 
     /// Replaces the config for clients that arrive from now on.
     pub fn replace(&self, config: ServerConfig) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        self.current.store(Arc::new(config));
     }
 }
 

@@ -14,10 +14,11 @@
 use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 use edgegate_link::proto::ClientId;
+use parking_lot::{Mutex, MutexGuard};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::config::SlowReaderPolicy;
@@ -59,9 +60,7 @@ impl Topics {
     fn shard(&self, topic: &str) -> MutexGuard<'_, Shard> {
         let mut h = DefaultHasher::new();
         topic.hash(&mut h);
-        self.shards[(h.finish() as usize) % SHARDS]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.shards[(h.finish() as usize) % SHARDS].lock()
     }
 
     /// Adds `client` to `topic`. Returns false if it already was a member.
@@ -83,11 +82,7 @@ impl Topics {
             }
             name
         };
-        client
-            .topics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(name);
+        client.topics.lock().push(name);
         metrics.subscriptions.inc();
         true
     }
@@ -97,17 +92,13 @@ impl Topics {
         if !self.remove_member(topic, client.id, metrics) {
             return false;
         }
-        client
-            .topics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|t| &**t != topic);
+        client.topics.lock().retain(|t| &**t != topic);
         true
     }
 
     /// Removes a leaving client from every topic it joined.
     pub fn remove_client(&self, client: &ClientHandle, metrics: &Metrics) {
-        let topics = std::mem::take(&mut *client.topics.lock().unwrap_or_else(|e| e.into_inner()));
+        let topics = std::mem::take(&mut *client.topics.lock());
         for t in topics {
             self.remove_member(&t, client.id, metrics);
         }

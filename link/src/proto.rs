@@ -28,7 +28,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Version carried in [`Frame::Hello`]; both ends must agree exactly.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2 added `max_frame_bytes` to the `Hello`: each end says the
+/// largest frame it accepts, and the other never sends a larger one.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default cap on one frame (length field value); a larger length is an error
 /// before any allocation.
@@ -36,6 +39,27 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// 16 MiB leaves room for the largest WebSocket message a gateway accepts by
 /// default plus the frame's own fields.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// The smallest cap an end may say in its `Hello`: room for a frame with a
+/// full 65,535-byte string and a modest `claims` object. A peer that says
+/// less is refused at the handshake.
+pub const MIN_FRAME_BYTES: usize = 64 * 1024;
+
+/// The length field of a `ClientMessage` minus its payload: type, client, kind.
+pub const CLIENT_MESSAGE_OVERHEAD: usize = TYPE_BYTES + 8 + 1;
+
+/// The most a frame that carries a message adds to it: a `Publish` with the
+/// longest topic a `u16` can describe (type, topic, kind).
+pub const MESSAGE_FRAME_OVERHEAD: usize = TYPE_BYTES + 2 + MAX_STRING_BYTES + 1;
+
+/// The frame cap an end needs to receive messages of up to `max_message`
+/// bytes in any frame that carries one, and never less than
+/// [`MAX_FRAME_BYTES`].
+pub fn frame_cap_for_messages(max_message: usize) -> usize {
+    max_message
+        .saturating_add(MESSAGE_FRAME_OVERHEAD)
+        .max(MAX_FRAME_BYTES)
+}
 
 /// A client's id, chosen by the gateway; unique per gateway per link lifetime.
 pub type ClientId = u64;
@@ -107,6 +131,10 @@ pub enum Frame {
         version: u16,
         /// The sender's name, for logs and for grouping links per gateway.
         name: String,
+        /// The largest frame `length` the sender accepts; the receiver must
+        /// not send a larger frame. `0` when the peer did not say (a
+        /// version 1 `Hello`, which ends after `name`).
+        max_frame_bytes: u32,
     },
     /// `0x02`, both ways: liveness probe.
     Ping {
@@ -205,9 +233,12 @@ impl Frame {
 
     /// The value of this frame's length field, checking every length-prefixed
     /// field fits its prefix.
-    pub(crate) fn wire_len(&self) -> Result<usize, CodecError> {
+    ///
+    /// # Errors
+    /// [`CodecError::FieldTooLong`] when a string or `claims` exceeds its prefix.
+    pub fn wire_len(&self) -> Result<usize, CodecError> {
         let body = match self {
-            Frame::Hello { name, .. } => 2 + string_len(name, "name")?,
+            Frame::Hello { name, .. } => 2 + string_len(name, "name")? + 4,
             Frame::Ping { .. } | Frame::Pong { .. } => 8,
             Frame::Goaway { reason, .. } => 2 + string_len(reason, "reason")?,
             Frame::ClientOpen {
@@ -412,9 +443,14 @@ impl Encoder<&Frame> for FrameCodec {
         dst.put_u8(frame.frame_type());
         // String and claims lengths were checked by `wire_len`.
         match frame {
-            Frame::Hello { version, name } => {
+            Frame::Hello {
+                version,
+                name,
+                max_frame_bytes,
+            } => {
                 dst.put_u16(*version);
                 put_string(dst, name);
+                dst.put_u32(*max_frame_bytes);
             }
             Frame::Ping { nonce } | Frame::Pong { nonce } => dst.put_u64(*nonce),
             Frame::Goaway { code, reason } => {
@@ -488,8 +524,19 @@ fn decode_body(mut body: Body) -> Result<Frame, CodecError> {
         HELLO => {
             let version = body.u16("truncated version")?;
             let name = body.string("truncated name", "name is not utf-8")?;
+            // A version 1 Hello ends here: decode it, so the handshake can
+            // answer with "unsupported version" rather than a protocol error.
+            let max_frame_bytes = if body.buf.is_empty() {
+                0
+            } else {
+                body.u32("truncated max_frame_bytes")?
+            };
             body.finish()?;
-            Frame::Hello { version, name }
+            Frame::Hello {
+                version,
+                name,
+                max_frame_bytes,
+            }
         }
         PING | PONG => {
             let nonce = body.u64("truncated nonce")?;

@@ -52,7 +52,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::proto::{
     ClientId, CodecError, Frame, FrameCodec, Kind, GOAWAY_NORMAL, GOAWAY_PROTOCOL_ERROR,
-    GOAWAY_UNSUPPORTED_VERSION, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    GOAWAY_UNSUPPORTED_VERSION, MAX_FRAME_BYTES, MIN_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 /// Id the service gives each accepted link, unique for the life of the [`Service`].
@@ -72,8 +72,11 @@ const MIN_PING_INTERVAL: Duration = Duration::from_millis(1);
 pub struct ServiceConfig {
     /// Name sent in the service's `Hello`; gateways log it.
     pub name: String,
-    /// Cap on a frame's length field, read and write. Must match the
-    /// gateways' setting, since each end refuses frames above its own cap.
+    /// Cap on the length field of frames the service reads, said in its
+    /// `Hello` so gateways never send larger ones (a client message that
+    /// would need more is refused for that client alone). What the service
+    /// sends is checked against each gateway's own cap from its `Hello`.
+    /// At least [`MIN_FRAME_BYTES`](crate::proto::MIN_FRAME_BYTES).
     pub max_frame_bytes: usize,
     /// How often the service pings each link, whatever the traffic.
     pub ping_interval: Duration,
@@ -189,8 +192,6 @@ struct Shared {
     next_link: AtomicU64,
     /// The listener's address, for callers that bound port 0.
     local_addr: SocketAddr,
-    /// Frame cap, checked before a frame is queued.
-    max_frame_bytes: usize,
 }
 
 impl Shared {
@@ -206,8 +207,24 @@ impl Shared {
 struct UpLink {
     /// Name from the gateway's `Hello`.
     gateway: Arc<str>,
+    /// The largest frame the gateway accepts, from its `Hello`.
+    max_frame_bytes: usize,
     /// The link's bounded frame queue, drained by its writer.
     frames: mpsc::Sender<Frame>,
+}
+
+impl UpLink {
+    /// Refuses a frame of `len` bytes above the gateway's cap.
+    fn fits(&self, len: usize) -> Result<(), SendError> {
+        if len > self.max_frame_bytes {
+            return Err(CodecError::FrameTooLarge {
+                len,
+                max: self.max_frame_bytes,
+            }
+            .into());
+        }
+        Ok(())
+    }
 }
 
 impl Service {
@@ -220,7 +237,8 @@ impl Service {
     ///
     /// # Errors
     ///
-    /// Fails when the listener's local address cannot be read.
+    /// Fails when `max_frame_bytes` is below the protocol's minimum or the
+    /// listener's local address cannot be read.
     ///
     /// # Panics
     ///
@@ -230,13 +248,21 @@ impl Service {
         config: ServiceConfig,
         shutdown: CancellationToken,
     ) -> io::Result<(Service, mpsc::Receiver<Event>)> {
+        if config.max_frame_bytes < MIN_FRAME_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "max_frame_bytes {} is below the link protocol's minimum {MIN_FRAME_BYTES}",
+                    config.max_frame_bytes
+                ),
+            ));
+        }
         let local_addr = listener.local_addr()?;
         let (events_tx, events_rx) = mpsc::channel(config.event_queue_events.max(1));
         let shared = Arc::new(Shared {
             links: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
             local_addr,
-            max_frame_bytes: config.max_frame_bytes,
         });
         let permits = Arc::new(Semaphore::new(config.max_links.max(1)));
         let ctx = LinkCtx {
@@ -261,20 +287,20 @@ impl Service {
     ///
     /// [`SendError::LinkDown`] when the link is not up,
     /// [`SendError::NotAllowed`] for frames the runner owns, and
-    /// [`SendError::Codec`] when the frame exceeds `max_frame_bytes` or a
-    /// string exceeds 65535 bytes.
+    /// [`SendError::Codec`] when the frame exceeds the gateway's cap (from
+    /// its `Hello`) or a string exceeds 65535 bytes.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: if cancelled, the frame was not queued.
     pub async fn send(&self, link: LinkId, frame: Frame) -> Result<(), SendError> {
-        self.check(&frame)?;
-        let queue = self
-            .shared
-            .links()
-            .get(&link)
-            .map(|up| up.frames.clone())
-            .ok_or(SendError::LinkDown(link))?;
+        let len = Self::check(&frame)?;
+        let queue = {
+            let links = self.shared.links();
+            let up = links.get(&link).ok_or(SendError::LinkDown(link))?;
+            up.fits(len)?;
+            up.frames.clone()
+        };
         queue
             .send(frame)
             .await
@@ -291,8 +317,10 @@ impl Service {
     /// # Errors
     ///
     /// [`SendError::Codec`] when the frame cannot be encoded, before anything
-    /// is queued. [`SendError::LinkDown`] naming the first link that ended
-    /// before its frame was queued; the other gateways still got theirs.
+    /// is queued, or when it exceeds a gateway's cap (that gateway is
+    /// skipped). [`SendError::LinkDown`] naming the first link that ended
+    /// before its frame was queued. Either way the other gateways still got
+    /// theirs.
     ///
     /// # Cancel safety
     ///
@@ -304,30 +332,37 @@ impl Service {
             kind,
             payload,
         };
-        self.check(&frame)?;
+        let len = Self::check(&frame)?;
+        let mut first_failure = None;
         let targets: Vec<(LinkId, mpsc::Sender<Frame>)> = {
             let links = self.shared.links();
-            let mut per_gateway: BTreeMap<&str, (LinkId, &mpsc::Sender<Frame>)> = BTreeMap::new();
+            let mut per_gateway: BTreeMap<&str, (LinkId, &UpLink)> = BTreeMap::new();
             for (id, up) in links.iter() {
-                let lowest = per_gateway.entry(&up.gateway).or_insert((*id, &up.frames));
+                let lowest = per_gateway.entry(&up.gateway).or_insert((*id, up));
                 if *id < lowest.0 {
-                    *lowest = (*id, &up.frames);
+                    *lowest = (*id, up);
                 }
             }
             per_gateway
                 .into_values()
-                .map(|(id, frames)| (id, frames.clone()))
+                .filter_map(|(id, up)| match up.fits(len) {
+                    Ok(()) => Some((id, up.frames.clone())),
+                    Err(error) => {
+                        debug!(link.id = id, %error, "publish skipped a gateway whose frame cap is smaller");
+                        first_failure.get_or_insert(error);
+                        None
+                    }
+                })
                 .collect()
         };
-        let mut first_failure = None;
         for (link, queue) in targets {
             if queue.send(frame.clone()).await.is_err() {
                 debug!(link.id = link, "publish skipped a link that went down");
-                first_failure.get_or_insert(link);
+                first_failure.get_or_insert(SendError::LinkDown(link));
             }
         }
         match first_failure {
-            Some(link) => Err(SendError::LinkDown(link)),
+            Some(error) => Err(error),
             None => Ok(()),
         }
     }
@@ -337,8 +372,9 @@ impl Service {
         self.shared.local_addr
     }
 
-    /// Refuses frames the runner owns and frames that cannot be encoded.
-    fn check(&self, frame: &Frame) -> Result<(), SendError> {
+    /// Refuses frames the runner owns and frames that cannot be encoded;
+    /// returns the frame's length field.
+    fn check(frame: &Frame) -> Result<usize, SendError> {
         match frame {
             Frame::ClientMessage { .. }
             | Frame::ClientClose { .. }
@@ -347,15 +383,7 @@ impl Service {
             | Frame::Publish { .. } => {}
             _ => return Err(SendError::NotAllowed(frame.type_name())),
         }
-        let len = frame.wire_len()?;
-        if len > self.shared.max_frame_bytes {
-            return Err(CodecError::FrameTooLarge {
-                len,
-                max: self.shared.max_frame_bytes,
-            }
-            .into());
-        }
-        Ok(())
+        Ok(frame.wire_len()?)
     }
 }
 
@@ -487,8 +515,8 @@ async fn run_link(ctx: LinkCtx, id: LinkId, stream: TcpStream, _permit: OwnedSem
     let mut writer = FramedWrite::new(write_half, FrameCodec::new(max));
     let write_timeout = ctx.config.ping_timeout;
 
-    let gateway = match hello(&ctx, &mut reader, &mut writer).await {
-        Ok(gateway) => gateway,
+    let (gateway, gateway_max_frame) = match hello(&ctx, &mut reader, &mut writer).await {
+        Ok(up) => up,
         Err(end) => {
             end.log();
             if let Some(goaway) = end.goaway() {
@@ -518,6 +546,7 @@ async fn run_link(ctx: LinkCtx, id: LinkId, stream: TcpStream, _permit: OwnedSem
         id,
         UpLink {
             gateway: Arc::from(gateway.as_str()),
+            max_frame_bytes: gateway_max_frame,
             frames: frames_tx.clone(),
         },
     );
@@ -548,22 +577,31 @@ async fn run_link(ctx: LinkCtx, id: LinkId, stream: TcpStream, _permit: OwnedSem
     }
 }
 
-/// Waits for the gateway's `Hello` and answers it. Returns the gateway name.
+/// Waits for the gateway's `Hello` and answers it. Returns the gateway's
+/// name and frame cap; from here the writer sends no frame above that cap.
 async fn hello(
     ctx: &LinkCtx,
     reader: &mut LinkReader,
     writer: &mut LinkWriter,
-) -> Result<String, LinkEnd> {
+) -> Result<(String, usize), LinkEnd> {
     let first = tokio::select! {
         biased;
         () = ctx.shutdown.cancelled() => return Err(LinkEnd::Shutdown),
         first = timeout(ctx.config.ping_timeout, reader.next()) => first,
     };
-    let (version, gateway) = match first {
+    let (version, gateway, max_frame_bytes) = match first {
         Err(_elapsed) => return Err(LinkEnd::Timeout),
         Ok(None) => return Err(LinkEnd::PeerClosed),
         Ok(Some(Err(error))) => return Err(LinkEnd::Read(error)),
-        Ok(Some(Ok(Frame::Hello { version, name }))) => (version, name),
+        Ok(Some(Ok(Frame::Hello {
+            version,
+            name,
+            max_frame_bytes,
+        }))) => (
+            version,
+            name,
+            usize::try_from(max_frame_bytes).unwrap_or(usize::MAX),
+        ),
         Ok(Some(Ok(other))) => {
             return Err(LinkEnd::Protocol(format!(
                 "expected hello, got {}",
@@ -574,12 +612,20 @@ async fn hello(
     if version != PROTOCOL_VERSION {
         return Err(LinkEnd::UnsupportedVersion(version));
     }
+    if max_frame_bytes < MIN_FRAME_BYTES {
+        return Err(LinkEnd::Protocol(format!(
+            "gateway accepts frames up to {max_frame_bytes} bytes, below the protocol's minimum {MIN_FRAME_BYTES}"
+        )));
+    }
     let answer = Frame::Hello {
         version: PROTOCOL_VERSION,
         name: ctx.config.name.clone(),
+        max_frame_bytes: u32::try_from(ctx.config.max_frame_bytes).unwrap_or(u32::MAX),
     };
-    match timeout(ctx.config.ping_timeout, writer.send(answer)).await {
-        Ok(Ok(())) => Ok(gateway),
+    let sent = timeout(ctx.config.ping_timeout, writer.send(answer)).await;
+    *writer.encoder_mut() = FrameCodec::new(max_frame_bytes);
+    match sent {
+        Ok(Ok(())) => Ok((gateway, max_frame_bytes)),
         Ok(Err(error)) => Err(LinkEnd::Write(error.to_string())),
         Err(_elapsed) => Err(LinkEnd::Write("hello write timed out".to_owned())),
     }

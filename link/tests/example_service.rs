@@ -10,8 +10,8 @@ use edgegate_link::example::{
     UNKNOWN_ROUTE_CODE,
 };
 use edgegate_link::proto::{
-    ClientId, Frame, FrameCodec, Kind, GOAWAY_NORMAL, GOAWAY_PROTOCOL_ERROR,
-    GOAWAY_UNSUPPORTED_VERSION, PROTOCOL_VERSION,
+    ClientId, CodecError, Frame, FrameCodec, Kind, GOAWAY_NORMAL, GOAWAY_PROTOCOL_ERROR,
+    GOAWAY_UNSUPPORTED_VERSION, MAX_FRAME_BYTES, MIN_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use edgegate_link::service::{Event, SendError, Service, ServiceConfig};
 use futures_util::{SinkExt, StreamExt};
@@ -79,6 +79,7 @@ async fn link_up(addr: SocketAddr, name: &str) -> FakeGateway {
         Frame::Hello {
             version: PROTOCOL_VERSION,
             name: name.to_owned(),
+            max_frame_bytes: MAX_FRAME_BYTES as u32,
         },
     )
     .await;
@@ -136,6 +137,7 @@ async fn gateway_hello_is_answered_with_the_service_hello() {
         Frame::Hello {
             version: PROTOCOL_VERSION,
             name: "gw-a".to_owned(),
+            max_frame_bytes: MAX_FRAME_BYTES as u32,
         },
     )
     .await;
@@ -144,6 +146,7 @@ async fn gateway_hello_is_answered_with_the_service_hello() {
         Frame::Hello {
             version: PROTOCOL_VERSION,
             name: EXAMPLE_SERVICE_NAME.to_owned(),
+            max_frame_bytes: MAX_FRAME_BYTES as u32,
         }
     );
 }
@@ -266,6 +269,7 @@ async fn version_mismatch_gets_goaway_code_1_and_the_link_closes() {
         Frame::Hello {
             version: PROTOCOL_VERSION + 1,
             name: "gw-future".to_owned(),
+            max_frame_bytes: MAX_FRAME_BYTES as u32,
         },
     )
     .await;
@@ -273,6 +277,51 @@ async fn version_mismatch_gets_goaway_code_1_and_the_link_closes() {
         Frame::Goaway { code, reason } => {
             assert_eq!(code, GOAWAY_UNSUPPORTED_VERSION);
             assert!(reason.contains("version"), "reason: {reason}");
+        }
+        other => panic!("expected goaway, got {other:?}"),
+    }
+    closed(&mut gateway).await;
+}
+
+/// A version 1 `Hello` (no `max_frame_bytes`) is still understood well
+/// enough to be answered with "unsupported version", not a protocol error.
+#[tokio::test]
+async fn a_version_1_hello_gets_goaway_code_1() {
+    let service = ExampleService::start().await;
+    let mut stream = TcpStream::connect(service.addr).await.expect("connect");
+    // length 9: type, version 1, name "gw-1"; no max_frame_bytes.
+    stream
+        .write_all(&[0, 0, 0, 9, 0x01, 0, 1, 0, 4, b'g', b'w', b'-', b'1'])
+        .await
+        .expect("write");
+    let mut gateway = Framed::new(stream, FrameCodec::default());
+    match next(&mut gateway).await {
+        Frame::Goaway { code, reason } => {
+            assert_eq!(code, GOAWAY_UNSUPPORTED_VERSION);
+            assert!(reason.contains('1'), "reason: {reason}");
+        }
+        other => panic!("expected goaway, got {other:?}"),
+    }
+    closed(&mut gateway).await;
+}
+
+#[tokio::test]
+async fn a_gateway_frame_cap_below_the_minimum_is_a_protocol_error() {
+    let service = ExampleService::start().await;
+    let mut gateway = dial(service.addr).await;
+    send(
+        &mut gateway,
+        Frame::Hello {
+            version: PROTOCOL_VERSION,
+            name: "gw-tiny".to_owned(),
+            max_frame_bytes: (MIN_FRAME_BYTES - 1) as u32,
+        },
+    )
+    .await;
+    match next(&mut gateway).await {
+        Frame::Goaway { code, reason } => {
+            assert_eq!(code, GOAWAY_PROTOCOL_ERROR);
+            assert!(reason.contains("minimum"), "reason: {reason}");
         }
         other => panic!("expected goaway, got {other:?}"),
     }
@@ -447,6 +496,88 @@ async fn link_events_come_in_order_and_link_down_comes_once() {
         .await
         .expect("end in time")
         .is_none());
+}
+
+/// What the service sends is held to the gateway's cap from its `Hello`:
+/// a frame over it is refused at `send` and `publish`, and the link stays up.
+#[tokio::test]
+async fn frames_over_the_gateways_cap_are_refused_and_the_link_stays() {
+    let (service, mut events, _shutdown) = start_service(ServiceConfig::new("svc")).await;
+    let mut gateway = dial(service.local_addr()).await;
+    send(
+        &mut gateway,
+        Frame::Hello {
+            version: PROTOCOL_VERSION,
+            name: "gw-small".to_owned(),
+            max_frame_bytes: MIN_FRAME_BYTES as u32,
+        },
+    )
+    .await;
+    assert!(matches!(next(&mut gateway).await, Frame::Hello { .. }));
+    let Event::LinkUp { link, .. } = event(&mut events).await else {
+        panic!("expected link up");
+    };
+    let fits = Bytes::from(vec![1u8; MIN_FRAME_BYTES - 10]);
+    let over = Bytes::from(vec![1u8; MIN_FRAME_BYTES - 9]);
+    let refused = service
+        .send(
+            link,
+            Frame::ClientMessage {
+                client: 1,
+                kind: Kind::Binary,
+                payload: over.clone(),
+            },
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(SendError::Codec(CodecError::FrameTooLarge { len, max })) if len == MIN_FRAME_BYTES + 1 && max == MIN_FRAME_BYTES),
+        "{refused:?}"
+    );
+    let published = service
+        .publish("t", Kind::Binary, Bytes::from(vec![1u8; MIN_FRAME_BYTES]))
+        .await;
+    assert!(
+        matches!(
+            published,
+            Err(SendError::Codec(CodecError::FrameTooLarge { .. }))
+        ),
+        "{published:?}"
+    );
+    service
+        .send(
+            link,
+            Frame::ClientMessage {
+                client: 1,
+                kind: Kind::Binary,
+                payload: fits.clone(),
+            },
+        )
+        .await
+        .expect("a frame at the cap is sent");
+    assert_eq!(
+        next(&mut gateway).await,
+        Frame::ClientMessage {
+            client: 1,
+            kind: Kind::Binary,
+            payload: fits
+        }
+    );
+}
+
+#[test]
+fn a_service_frame_cap_below_the_minimum_is_refused_at_start() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut config = ServiceConfig::new("svc");
+        config.max_frame_bytes = MIN_FRAME_BYTES - 1;
+        let error =
+            Service::start(listener, config, CancellationToken::new()).expect_err("refused");
+        assert!(error.to_string().contains("minimum"), "{error}");
+    });
 }
 
 #[tokio::test]

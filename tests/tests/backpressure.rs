@@ -65,6 +65,7 @@ async fn a_link_that_stops_answering_is_torn_down_and_its_clients_closed_with_10
                 link.send(Frame::Hello {
                     version: PROTOCOL_VERSION,
                     name: "silent".into(),
+                    max_frame_bytes: edgegate_link::proto::MAX_FRAME_BYTES as u32,
                 })
                 .await
                 .unwrap();

@@ -193,6 +193,33 @@ async fn oversized_message_is_closed_with_1009() {
     );
 }
 
+/// A message the gateway accepts but the service's link frame cap cannot
+/// carry (the reference service takes frames up to 16 MiB; a 16 MiB message
+/// is a 16,777,226-byte `ClientMessage`) is refused for its client alone:
+/// 1009 to that client, the link and every other client on it untouched.
+#[tokio::test]
+async fn a_message_over_the_services_frame_cap_closes_that_client_alone() {
+    let service = ExampleService::start().await;
+    let gw = GatewayBuilder::new(service.addr)
+        .links(1)
+        .limit("max_message_bytes", 20 * 1024 * 1024)
+        .start()
+        .await;
+    let mut bystander = gw.connect("/echo").await;
+    let mut big = gw.connect("/echo").await;
+    big.send(Message::binary(vec![7u8; 16 * 1024 * 1024]))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut big, WAIT).await, Some(1009));
+    bystander.send(Message::text("still here")).await.unwrap();
+    assert_eq!(recv(&mut bystander).await, Message::text("still here"));
+    assert_eq!(gw.gateway().links_up("svc"), 1);
+    assert_eq!(
+        gw.metric("edgegate_clients_closed_total", "reason=\"link_lost\""),
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn silent_client_is_closed_after_the_heartbeat_timeout() {
     let service = ExampleService::start().await;
@@ -213,7 +240,7 @@ async fn silent_client_is_closed_after_the_heartbeat_timeout() {
     .await;
     assert_eq!(
         close_code(&mut ws, WAIT).await,
-        Some(edgegate::client::HEARTBEAT_TIMEOUT_CODE)
+        Some(edgegate::close::HEARTBEAT_TIMEOUT_CODE)
     );
     assert_eq!(
         gw.metric(

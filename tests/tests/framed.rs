@@ -139,7 +139,7 @@ async fn framed_ping_is_answered_and_silence_times_out() {
         assert_eq!(f.kind, CLOSE);
         assert_eq!(
             f.close_code(),
-            Some(edgegate::client::HEARTBEAT_TIMEOUT_CODE)
+            Some(edgegate::close::HEARTBEAT_TIMEOUT_CODE)
         );
         break;
     }

@@ -48,9 +48,11 @@ async fn gateway_with_timeouts(service: &EventService, secs: u64) -> TestGateway
 async fn settle(gw: &TestGateway, within: Duration) -> Duration {
     let start = Instant::now();
     assert!(
-        eventually(within, || gw.gateway().shared().connections() == 0).await,
+        eventually(within, || gw.gateway().shared().admission.connections()
+            == 0)
+        .await,
         "gateway still holds {} connections after {within:?}",
-        gw.gateway().shared().connections()
+        gw.gateway().shared().admission.connections()
     );
     start.elapsed()
 }
@@ -358,8 +360,8 @@ async fn truncated_client_hello_and_silent_connections_end_at_the_handshake_time
         tcp.write_all(&hello[..cut]).await.unwrap();
         conns.push(tcp);
     }
-    eventually(WAIT, || gw.gateway().shared().connections() == 3).await;
-    assert_eq!(gw.gateway().shared().connections(), 3);
+    eventually(WAIT, || gw.gateway().shared().admission.connections() == 3).await;
+    assert_eq!(gw.gateway().shared().admission.connections(), 3);
     for tcp in &mut conns {
         let (_, after) = read_until_closed(tcp, WAIT).await;
         assert!(after < Duration::from_secs(4), "held for {after:?}");
@@ -433,7 +435,7 @@ async fn idle_connections_holding_every_handshake_permit_do_not_lock_out_new_cli
         idle.push(TcpStream::connect(gw.addr).await.unwrap());
     }
     // Accepted, so each holds a handshake permit.
-    assert!(eventually(WAIT, || gw.gateway().shared().connections() == 8).await);
+    assert!(eventually(WAIT, || gw.gateway().shared().admission.connections() == 8).await);
     let start = Instant::now();
     let _ws = gw.connect("/echo").await;
     let waited = start.elapsed();
@@ -464,7 +466,7 @@ async fn connections_that_send_one_byte_and_stall_do_not_lock_out_new_clients() 
         stalled.push(tcp);
     }
     // Accepted, so each holds a handshake permit.
-    assert!(eventually(WAIT, || gw.gateway().shared().connections() == 8).await);
+    assert!(eventually(WAIT, || gw.gateway().shared().admission.connections() == 8).await);
     let start = Instant::now();
     let _ws = gw.connect("/echo").await;
     let waited = start.elapsed();
@@ -591,7 +593,7 @@ async fn request_headers_dripped_byte_by_byte_end_at_the_upgrade_timeout() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if gw.gateway().shared().connections() == 0 {
+        if gw.gateway().shared().admission.connections() == 0 {
             break;
         }
     }
@@ -1064,7 +1066,7 @@ async fn a_flood_of_bad_tokens_costs_no_service_traffic_and_is_counted() {
         }
     }
     let elapsed = wall.elapsed();
-    assert!(eventually(WAIT, || gw.gateway().shared().connections() == 0).await);
+    assert!(eventually(WAIT, || gw.gateway().shared().admission.connections() == 0).await);
     let cpu = threads_cpu("gw-under-test") - cpu_before;
     println!(
         "{BAD} bad tokens in {elapsed:?} ({:.0}/s): gateway CPU {cpu:?}, {:.0} µs per rejected token (TLS handshake + HTTP + JWT check)",
@@ -1119,14 +1121,16 @@ async fn tcp_from(gw: &TestGateway, source: &str) -> TcpStream {
 
 /// Waits until the gateway holds `n` connections and `refused_metric` reads `refused`.
 async fn wait_counts(gw: &TestGateway, n: usize, refused_metric: &str, refused: f64) {
-    let counted =
-        || gw.gateway().shared().connections() == n && gw.metric(refused_metric, "") == refused;
+    let counted = || {
+        gw.gateway().shared().admission.connections() == n
+            && gw.metric(refused_metric, "") == refused
+    };
     if eventually(Duration::from_secs(5), counted).await {
         return;
     }
     panic!(
         "gateway holds {} connections and {refused_metric} is {}, expected {n} and {refused}",
-        gw.gateway().shared().connections(),
+        gw.gateway().shared().admission.connections(),
         gw.metric(refused_metric, "")
     );
 }
@@ -1259,7 +1263,13 @@ mod decoders {
         let kind = || prop_oneof![Just(Kind::Text), Just(Kind::Binary)];
         let payload = || proptest::collection::vec(any::<u8>(), 0..200).prop_map(Bytes::from);
         prop_oneof![
-            (any::<u16>(), s()).prop_map(|(version, name)| Frame::Hello { version, name }),
+            (any::<u16>(), s(), any::<u32>()).prop_map(|(version, name, max_frame_bytes)| {
+                Frame::Hello {
+                    version,
+                    name,
+                    max_frame_bytes,
+                }
+            }),
             any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
             (any::<u16>(), s()).prop_map(|(code, reason)| Frame::Goaway { code, reason }),

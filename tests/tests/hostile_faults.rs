@@ -86,6 +86,7 @@ async fn serve_link(stream: TcpStream, log: Log, paused: Arc<AtomicBool>) {
     let hello = Frame::Hello {
         version: PROTOCOL_VERSION,
         name: "recorder".into(),
+        max_frame_bytes: edgegate_link::proto::MAX_FRAME_BYTES as u32,
     };
     if writer.send(hello).await.is_err() {
         return;
@@ -367,7 +368,7 @@ async fn a_service_too_slow_to_read_pauses_its_clients_then_closes_them_with_101
     paused.store(false, Ordering::Relaxed);
     for _ in 0..300 {
         if gw.metric("edgegate_link_queue_depth", "") == 0.0
-            && gw.gateway().shared().connections() == 0
+            && gw.gateway().shared().admission.connections() == 0
         {
             break;
         }

@@ -9,6 +9,7 @@ fn every_variant() -> Vec<Frame> {
         Frame::Hello {
             version: PROTOCOL_VERSION,
             name: "gw-1".into(),
+            max_frame_bytes: MAX_FRAME_BYTES as u32,
         },
         Frame::Ping { nonce: u64::MAX },
         Frame::Pong { nonce: 7 },
@@ -442,4 +443,48 @@ fn type_names_are_snake_case() {
             "publish"
         ]
     );
+}
+
+#[test]
+fn a_version_1_hello_decodes_with_no_frame_cap() {
+    let mut buf = BytesMut::from(&[0u8, 0, 0, 5, HELLO, 0, 1, 0, 0][..]);
+    let frame = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+    assert_eq!(
+        frame,
+        Frame::Hello {
+            version: 1,
+            name: String::new(),
+            max_frame_bytes: 0,
+        }
+    );
+}
+
+#[test]
+fn a_hello_with_half_a_frame_cap_is_malformed() {
+    let mut buf = BytesMut::from(&[0u8, 0, 0, 7, HELLO, 0, 2, 0, 0, 0, 1][..]);
+    assert!(matches!(
+        FrameCodec::default().decode(&mut buf),
+        Err(CodecError::Malformed {
+            what: "truncated max_frame_bytes",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn the_frame_cap_for_messages_covers_a_publish_with_the_longest_topic() {
+    assert_eq!(frame_cap_for_messages(1024), MAX_FRAME_BYTES);
+    let max = 20 * 1024 * 1024;
+    let publish = Frame::Publish {
+        topic: "t".repeat(usize::from(u16::MAX)),
+        kind: Kind::Binary,
+        payload: Bytes::from(vec![0u8; max]),
+    };
+    assert_eq!(publish.wire_len().unwrap(), frame_cap_for_messages(max));
+    let message = Frame::ClientMessage {
+        client: 1,
+        kind: Kind::Binary,
+        payload: Bytes::from(vec![0u8; max]),
+    };
+    assert_eq!(message.wire_len().unwrap(), max + CLIENT_MESSAGE_OVERHEAD);
 }
