@@ -66,13 +66,6 @@ pub struct LinkHandle {
 }
 
 impl LinkHandle {
-    /// Whether the service accepts `frame` (its length within the service's cap).
-    pub fn carries(&self, frame: &Frame) -> bool {
-        frame
-            .wire_len()
-            .is_ok_and(|len| len <= self.max_frame_bytes)
-    }
-
     pub fn bind(&self, client: ClientId) {
         self.clients.lock().insert(client);
     }

@@ -233,10 +233,7 @@ impl Frame {
 
     /// The value of this frame's length field, checking every length-prefixed
     /// field fits its prefix.
-    ///
-    /// # Errors
-    /// [`CodecError::FieldTooLong`] when a string or `claims` exceeds its prefix.
-    pub fn wire_len(&self) -> Result<usize, CodecError> {
+    pub(crate) fn wire_len(&self) -> Result<usize, CodecError> {
         let body = match self {
             Frame::Hello { name, .. } => 2 + string_len(name, "name")? + 4,
             Frame::Ping { .. } | Frame::Pong { .. } => 8,

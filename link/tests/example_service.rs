@@ -128,6 +128,18 @@ async fn closed(gateway: &mut FakeGateway) {
     }
 }
 
+/// Expects a `Goaway` with `code` whose reason contains `part`, then the close.
+async fn goaway_then_close(gateway: &mut FakeGateway, code: u16, part: &str) {
+    match next(gateway).await {
+        Frame::Goaway { code: got, reason } => {
+            assert_eq!(got, code);
+            assert!(reason.contains(part), "reason: {reason}");
+        }
+        other => panic!("expected goaway, got {other:?}"),
+    }
+    closed(gateway).await;
+}
+
 #[tokio::test]
 async fn gateway_hello_is_answered_with_the_service_hello() {
     let service = ExampleService::start().await;
@@ -273,14 +285,7 @@ async fn version_mismatch_gets_goaway_code_1_and_the_link_closes() {
         },
     )
     .await;
-    match next(&mut gateway).await {
-        Frame::Goaway { code, reason } => {
-            assert_eq!(code, GOAWAY_UNSUPPORTED_VERSION);
-            assert!(reason.contains("version"), "reason: {reason}");
-        }
-        other => panic!("expected goaway, got {other:?}"),
-    }
-    closed(&mut gateway).await;
+    goaway_then_close(&mut gateway, GOAWAY_UNSUPPORTED_VERSION, "version").await;
 }
 
 /// A version 1 `Hello` (no `max_frame_bytes`) is still understood well
@@ -295,14 +300,7 @@ async fn a_version_1_hello_gets_goaway_code_1() {
         .await
         .expect("write");
     let mut gateway = Framed::new(stream, FrameCodec::default());
-    match next(&mut gateway).await {
-        Frame::Goaway { code, reason } => {
-            assert_eq!(code, GOAWAY_UNSUPPORTED_VERSION);
-            assert!(reason.contains('1'), "reason: {reason}");
-        }
-        other => panic!("expected goaway, got {other:?}"),
-    }
-    closed(&mut gateway).await;
+    goaway_then_close(&mut gateway, GOAWAY_UNSUPPORTED_VERSION, "1").await;
 }
 
 #[tokio::test]
@@ -318,14 +316,7 @@ async fn a_gateway_frame_cap_below_the_minimum_is_a_protocol_error() {
         },
     )
     .await;
-    match next(&mut gateway).await {
-        Frame::Goaway { code, reason } => {
-            assert_eq!(code, GOAWAY_PROTOCOL_ERROR);
-            assert!(reason.contains("minimum"), "reason: {reason}");
-        }
-        other => panic!("expected goaway, got {other:?}"),
-    }
-    closed(&mut gateway).await;
+    goaway_then_close(&mut gateway, GOAWAY_PROTOCOL_ERROR, "minimum").await;
 }
 
 #[tokio::test]
