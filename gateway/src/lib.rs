@@ -14,6 +14,7 @@
 //! Lowest layer first; a module imports only its own layer and those below
 //! (checked by `tests/tools/import_graph.py`, layers in
 //! `tests/tools/import_graph.toml`).
+//! - [`wire`]: byte-level codecs with no gateway state: the lean TLS stream.
 //! - [`runtime`]: the explicitly built Tokio runtime, `RLIMIT_NOFILE`.
 //! - [`logging`]: journald when stderr is the journal, plain stderr otherwise.
 //! - [`process`]: resident memory, open fds, jemalloc statistics.
@@ -82,6 +83,7 @@ pub mod state;
 pub mod systemd;
 pub mod tls;
 pub mod topics;
+pub mod wire;
 
 pub use config::Config;
 pub use gateway::Gateway;
