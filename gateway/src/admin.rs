@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `/metrics` | every metric, Prometheus/OpenMetrics text |
 //! | `/healthz` | 200 while the runtime is responsive (the scheduler probe ticked within [`LIVENESS_MAX_TICK_AGE`](crate::scheduler::LIVENESS_MAX_TICK_AGE)), else 503 |
-//! | `/readyz`  | 200 when the listeners are bound and every service has a link up; 503 otherwise and while draining |
+//! | `/readyz`  | 200 when the listeners are bound and every service has a link up (naming each service with instances unlinked, "2 of 3"); 503 otherwise and while draining |
 //!
 //! HTTP is hyper's: one small task per admin connection, at most
 //! [`MAX_CONNECTIONS`] at once, each with a header-read timeout, so a stuck
@@ -69,15 +69,37 @@ pub struct GatewayView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotReady {
     Draining,
-    NoLink { service: String },
+    NoLink { service: String, instances: usize },
 }
 
 impl std::fmt::Display for NotReady {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             NotReady::Draining => f.write_str("draining"),
-            NotReady::NoLink { service } => write!(f, "service {service} has no link up"),
+            NotReady::NoLink { service, instances } => write!(
+                f,
+                "service {service} has no link up (0 of {instances} instances linked)"
+            ),
         }
+    }
+}
+
+/// A service that is served, but not by all of its instances: `/readyz`
+/// still says ready and names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Degraded {
+    pub service: String,
+    pub linked: usize,
+    pub instances: usize,
+}
+
+impl std::fmt::Display for Degraded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "service {}: {} of {} instances linked",
+            self.service, self.linked, self.instances
+        )
     }
 }
 
@@ -105,9 +127,16 @@ impl GatewayView {
     pub fn encode_metrics(&self) -> String {
         let m = &self.metrics;
         for pool in &self.pools {
+            let label = [("service", pool.name.to_string())];
             m.link_queue_depth
-                .get_or_create(&[("service", pool.name.to_string())])
-                .set(i64::try_from(pool.queued_frames()).unwrap_or(i64::MAX));
+                .get_or_create(&label)
+                .set(saturating_i64(pool.queued_frames() as u64));
+            m.service_instances
+                .get_or_create(&label)
+                .set(saturating_i64(pool.instances() as u64));
+            m.service_instances_linked
+                .get_or_create(&label)
+                .set(saturating_i64(pool.instances_linked() as u64));
         }
         m.connections
             .set(i64::try_from(self.admission.connections()).unwrap_or(i64::MAX));
@@ -135,20 +164,33 @@ impl GatewayView {
         out
     }
 
-    /// `Ok` when ready for clients: not draining and every service has a link up.
+    /// `Ok` when ready for clients: not draining and every service has a
+    /// link up. A service with some instances unlinked is still served (by
+    /// the others); the `Ok` names each such service and how many of its
+    /// instances are linked, so the operator sees "2 of 3".
     ///
     /// # Errors
     /// The first reason it is not.
-    pub fn readiness(&self) -> Result<(), NotReady> {
+    pub fn readiness(&self) -> Result<Vec<Degraded>, NotReady> {
         if self.lifecycle.is_leaving() {
             return Err(NotReady::Draining);
         }
-        match self.pools.iter().find(|p| p.links_up() == 0) {
-            Some(p) => Err(NotReady::NoLink {
+        if let Some(p) = self.pools.iter().find(|p| p.links_up() == 0) {
+            return Err(NotReady::NoLink {
                 service: p.name.to_string(),
-            }),
-            None => Ok(()),
+                instances: p.instances(),
+            });
         }
+        Ok(self
+            .pools
+            .iter()
+            .filter(|p| p.instances_linked() < p.instances())
+            .map(|p| Degraded {
+                service: p.name.to_string(),
+                linked: p.instances_linked(),
+                instances: p.instances(),
+            })
+            .collect())
     }
 
     pub fn is_ready(&self) -> bool {
@@ -327,7 +369,13 @@ fn respond<B>(view: &GatewayView, req: &Request<B>) -> Response<Full<Bytes>> {
             }
         }
         "/readyz" => match view.readiness() {
-            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Ok(degraded) => {
+                let mut body = String::from("ready\n");
+                for d in degraded {
+                    body.push_str(&format!("{d}\n"));
+                }
+                text(StatusCode::OK, body)
+            }
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),

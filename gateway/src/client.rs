@@ -600,7 +600,7 @@ where
     let limits = &settings.limits;
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
-    let Some(link) = pool.pick(id) else {
+    let Some(link) = pool.pick() else {
         return Box::pin(close(
             &mut ws,
             &mut timer,

@@ -292,6 +292,15 @@ impl Gateway {
             .map_or(0, |p| p.links_up())
     }
 
+    /// Instances of the service called `name` with a link up, and how many
+    /// it has.
+    pub fn instances_linked(&self, name: &str) -> (usize, usize) {
+        self.pools
+            .iter()
+            .find(|p| &*p.name == name)
+            .map_or((0, 0), |p| (p.instances_linked(), p.instances()))
+    }
+
     /// Ready: listeners bound (always, once started) and every service has a link up.
     pub fn is_ready(&self) -> bool {
         self.view.is_ready()

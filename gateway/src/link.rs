@@ -1,27 +1,32 @@
-//! Links: persistent connections from EdgeGate to services, in a pool of
-//! `links` slots per service.
+//! Links: persistent connections from EdgeGate to services. A service's
+//! pool keeps `links` links to each of its instances (one instance per
+//! configured address), so every gateway is linked to every instance and a
+//! publish from any instance reaches this gateway's subscribers.
 //!
-//! A slot dials its service, exchanges Hello, then runs two halves: a writer
-//! task that drains the slot's bounded queue into the socket, and a reader
-//! (the slot task itself) that dispatches service frames to clients and
-//! topics. When a link drops, the slot redials with jittered exponential
-//! backoff.
+//! A slot dials its one instance, exchanges Hello, then runs two halves: a
+//! writer task that drains the slot's bounded queue into the socket, and a
+//! reader (the slot task itself) that dispatches service frames to clients and
+//! topics. When a link drops, the slot redials the same instance with
+//! jittered exponential backoff; an instance that never answers holds up only
+//! its own slots.
 //!
 //! Policy (documented in docs/link-protocol.md and docs/config.md):
-//! - A client is bound to one link at open, so its messages stay in order.
+//! - A client is bound at open to the up link with the fewest clients, over
+//!   all instances, and stays on it, so its messages stay in order.
 //! - A full link queue pauses the clients that write to it (they stop reading
 //!   their socket, so TCP pushes back); a client still blocked after
 //!   `link_backpressure_timeout_secs` is closed with 1013.
 //! - When a link drops, every client bound to it is closed with 1012 (service
 //!   restart): frames in flight may be lost and the service has lost its state
-//!   for them, so the client must reconnect and open again.
+//!   for them, so the client must reconnect and open again. Clients of other
+//!   links and other instances are untouched.
 //! - While a service has no link up, new clients are closed with 1013 right
 //!   after the upgrade.
 //! - A link that sends nothing (not even a pong) for `ping_timeout_secs` is
 //!   torn down and redialled.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,51 +78,108 @@ impl LinkHandle {
     pub fn unbind(&self, client: ClientId) {
         self.clients.lock().remove(&client);
     }
+
+    /// Clients bound to this link now.
+    fn load(&self) -> usize {
+        self.clients.lock().len()
+    }
 }
 
-/// The links of one service.
+/// One slot of a pool: the link it holds while up.
+type Slot = RwLock<Option<Arc<LinkHandle>>>;
+
+/// One instance of a service (one configured address) and its slots.
+#[derive(Debug)]
+struct Instance {
+    addr: Arc<str>,
+    slots: Box<[Slot]>,
+}
+
+impl Instance {
+    fn is_linked(&self) -> bool {
+        self.slots.iter().any(|s| s.read().is_some())
+    }
+}
+
+/// The links of one service: `links` slots for each of its instances.
 #[derive(Debug)]
 pub struct ServicePool {
     pub name: Arc<str>,
-    slots: Box<[RwLock<Option<Arc<LinkHandle>>>]>,
+    instances: Box<[Instance]>,
+    /// Where the next [`ServicePool::pick`] starts looking, so clients spread
+    /// over equally loaded links in turn.
+    next: AtomicUsize,
 }
 
 impl ServicePool {
-    fn new(name: &str, links: usize) -> Self {
+    fn new(name: &str, addresses: &[String], links: usize) -> Self {
         Self {
             name: Arc::from(name),
-            slots: (0..links).map(|_| RwLock::new(None)).collect(),
+            instances: addresses
+                .iter()
+                .map(|addr| Instance {
+                    addr: Arc::from(addr.as_str()),
+                    slots: (0..links).map(|_| RwLock::new(None)).collect(),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
         }
     }
 
-    /// The link for a new client: its own slot (`id % links`) if up, else the
-    /// next slot that is up.
-    pub fn pick(&self, client: ClientId) -> Option<Arc<LinkHandle>> {
-        let n = self.slots.len();
-        let start = (client as usize) % n;
-        (0..n).find_map(|i| self.slots[(start + i) % n].read().clone())
+    /// Every slot, interleaved by instance (slot 0 of each instance, then
+    /// slot 1 of each, ...), so a scan alternates between instances.
+    fn slots(&self) -> impl Iterator<Item = &Slot> + Clone {
+        let per_instance = self.instances.first().map_or(0, |i| i.slots.len());
+        (0..per_instance).flat_map(move |s| self.instances.iter().map(move |i| &i.slots[s]))
     }
 
-    /// Links up right now.
+    /// The link for a new client: the up link with the fewest clients over
+    /// all instances; among equals, the next in turn. `None` when no link of
+    /// the service is up.
+    pub fn pick(&self) -> Option<Arc<LinkHandle>> {
+        let total = self.slots().count();
+        if total == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % total;
+        self.slots()
+            .cycle()
+            .skip(start)
+            .take(total)
+            .filter_map(|s| s.read().clone())
+            .min_by_key(|l| l.load())
+    }
+
+    /// Links up right now, over all instances.
     pub fn links_up(&self) -> usize {
-        self.slots.iter().filter(|s| s.read().is_some()).count()
+        self.slots().filter(|s| s.read().is_some()).count()
+    }
+
+    /// Instances with at least one link up.
+    pub fn instances_linked(&self) -> usize {
+        self.instances.iter().filter(|i| i.is_linked()).count()
+    }
+
+    /// Instances configured (the service's `addresses`).
+    pub fn instances(&self) -> usize {
+        self.instances.len()
     }
 
     /// Frames queued over all up links (for the queue-depth gauge).
     pub fn queued_frames(&self) -> usize {
-        self.slots
-            .iter()
+        self.slots()
             .filter_map(|s| s.read().clone())
             .map(|l| l.tx.max_capacity() - l.tx.capacity())
             .sum()
     }
 
-    fn set(&self, slot: usize, link: Option<Arc<LinkHandle>>) {
-        *self.slots[slot].write() = link;
+    fn set(&self, instance: usize, slot: usize, link: Option<Arc<LinkHandle>>) {
+        *self.instances[instance].slots[slot].write() = link;
     }
 }
 
-/// Creates the pool of `config` and spawns one task per slot.
+/// Creates the pool of `config` and spawns one task per slot: `links` for
+/// each of its addresses.
 ///
 /// Slots stop when `stop` is cancelled: each sends Goaway after what is
 /// queued and closes its link.
@@ -127,11 +189,17 @@ pub fn spawn_pool(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> (Arc<ServicePool>, Vec<tokio::task::JoinHandle<()>>) {
-    let pool = Arc::new(ServicePool::new(&config.name, config.links));
+    let pool = Arc::new(ServicePool::new(
+        &config.name,
+        &config.addresses,
+        config.links,
+    ));
     let config = Arc::new(config);
-    let tasks = (0..config.links)
-        .map(|slot| {
+    let tasks = (0..config.addresses.len())
+        .flat_map(|instance| (0..config.links).map(move |slot| (instance, slot)))
+        .map(|(instance, slot)| {
             tokio::spawn(run_slot(
+                instance,
                 slot,
                 pool.clone(),
                 config.clone(),
@@ -248,6 +316,7 @@ fn jittered(d: Duration) -> Duration {
 }
 
 async fn run_slot(
+    instance: usize,
     slot: usize,
     pool: Arc<ServicePool>,
     config: Arc<ServiceConfig>,
@@ -259,6 +328,8 @@ async fn run_slot(
     let mut backoff = config.reconnect_min;
     let mut attempt = 0usize;
     let mut failures = 0u64;
+    let addr = pool.instances[instance].addr.clone();
+    let addr = &*addr;
     loop {
         if stop.is_cancelled() {
             return;
@@ -266,7 +337,6 @@ async fn run_slot(
         if attempt > 0 {
             shared.metrics.link_reconnects.get_or_create(&label).inc();
         }
-        let addr = &config.addresses[(slot + attempt) % config.addresses.len()];
         attempt += 1;
         // The largest message a service may send is also max_message_bytes.
         let own_max = frame_cap_for_messages(shared.settings().limits.max_message_bytes);
@@ -291,7 +361,7 @@ async fn run_slot(
                     max_frame_bytes,
                     clients: Mutex::new(HashSet::new()),
                 });
-                info!(service = %config.name, link.id = link.id, %addr, peer = %service_name, slot, max_frame_bytes, "link up");
+                info!(service = %config.name, link.id = link.id, %addr, peer = %service_name, instance, slot, max_frame_bytes, "link up");
                 let max_message = shared.settings().limits.max_message_bytes;
                 if max_message + CLIENT_MESSAGE_OVERHEAD > max_frame_bytes {
                     warn!(
@@ -300,10 +370,10 @@ async fn run_slot(
                         max_frame_bytes - CLIENT_MESSAGE_OVERHEAD
                     );
                 }
-                pool.set(slot, Some(link.clone()));
+                pool.set(instance, slot, Some(link.clone()));
                 shared.metrics.links_up.get_or_create(&label).inc();
                 let end = run_link(&link, reader, writer, rx, &config, &shared, &stop).await;
-                pool.set(slot, None);
+                pool.set(instance, slot, None);
                 shared.metrics.links_up.get_or_create(&label).dec();
                 let bound: Vec<ClientId> = std::mem::take(&mut *link.clients.lock())
                     .into_iter()
@@ -323,9 +393,9 @@ async fn run_slot(
                 failures += 1;
                 // First failure and then every 10th: a dead service must not flood the log.
                 if failures == 1 || failures % 10 == 0 {
-                    warn!(service = %config.name, failures, error = %e, "link dial failed");
+                    warn!(service = %config.name, %addr, failures, error = %e, "link dial failed");
                 } else {
-                    debug!(service = %config.name, failures, error = %e, "link dial failed");
+                    debug!(service = %config.name, %addr, failures, error = %e, "link dial failed");
                 }
             }
         }

@@ -85,6 +85,12 @@ pub struct Metrics {
     pub bytes_out: Counter,
     pub outbound_dropped: Family<Labels, Counter>,
     pub links_up: Family<ServiceLabels, Gauge>,
+    /// Instances configured per service (its `addresses`).
+    pub service_instances: Family<ServiceLabels, Gauge>,
+    /// Instances of each service with at least one link up (read at scrape
+    /// time): below `service_instances`, some instance's publishes reach no
+    /// subscriber here.
+    pub service_instances_linked: Family<ServiceLabels, Gauge>,
     pub link_reconnects: Family<ServiceLabels, Counter>,
     pub link_queue_depth: Family<ServiceLabels, Gauge<i64, AtomicI64>>,
     pub link_frames_in: Counter,
@@ -161,6 +167,8 @@ impl Metrics {
             bytes_out: Counter::default(),
             outbound_dropped: Family::default(),
             links_up: Family::default(),
+            service_instances: Family::default(),
+            service_instances_linked: Family::default(),
             link_reconnects: Family::default(),
             link_queue_depth: Family::default(),
             link_frames_in: Counter::default(),
@@ -218,6 +226,8 @@ impl Metrics {
         for s in services {
             let l = [("service", s.clone())];
             let _ = m.links_up.get_or_create(&l);
+            let _ = m.service_instances.get_or_create(&l);
+            let _ = m.service_instances_linked.get_or_create(&l);
             let _ = m.link_reconnects.get_or_create(&l);
             let _ = m.link_queue_depth.get_or_create(&l);
         }
@@ -289,6 +299,16 @@ impl Metrics {
             m.outbound_dropped.clone(),
         );
         r.register("links_up", "Links up, by service", m.links_up.clone());
+        r.register(
+            "service_instances",
+            "Instances configured, by service",
+            m.service_instances.clone(),
+        );
+        r.register(
+            "service_instances_linked",
+            "Instances with at least one link up, by service",
+            m.service_instances_linked.clone(),
+        );
         r.register(
             "link_reconnects",
             "Link dials after the first, by service",

@@ -300,8 +300,13 @@ pub fn needed_fds(config: &Config) -> u64 {
     config.limits.max_clients as u64 + total_links(config) as u64 + RESERVED_FDS
 }
 
+/// Links the gateway keeps: `links` to each address of each service.
 fn total_links(config: &Config) -> usize {
-    config.services.iter().map(|s| s.links).sum()
+    config
+        .services
+        .iter()
+        .map(|s| s.links * s.addresses.len())
+        .sum()
 }
 
 /// Compares `host` with what `config` needs; an empty list means it fits.
@@ -429,9 +434,8 @@ pub fn check(config: &Config, host: &Host) -> Vec<Finding> {
     if let Some((lo, hi)) = host.port_range {
         let size = u64::from(hi.saturating_sub(lo)) + 1;
         for s in &config.services {
-            // Links are spread over a service's addresses; each address needs
-            // its own ephemeral ports.
-            let per_addr = s.links.div_ceil(s.addresses.len().max(1)) as u64;
+            // Each address gets `links` links, each from its own ephemeral port.
+            let per_addr = s.links as u64;
             if per_addr > size {
                 add(
                     Severity::Warning,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 /// A minimal gateway config; [`MinimalGateway::toml`] writes it.
 ///
 /// The defaults: admin and listener on `127.0.0.1:0`, listener `public` with
-/// route `/echo` to service `example`, 2 links.
+/// route `/echo` to service `example` at one address, 2 links.
 #[derive(Debug, Clone)]
 pub struct MinimalGateway {
     /// `[admin] bind`.
@@ -26,9 +26,9 @@ pub struct MinimalGateway {
     pub listener_keys: Vec<String>,
     /// The routed paths, each a `[[route]]` to the service.
     pub routes: Vec<String>,
-    /// The service's `name` and its one address.
+    /// The service's `name` and its addresses, one per instance.
     pub service: String,
-    pub service_addr: String,
+    pub service_addrs: Vec<String>,
     /// The service's `links`.
     pub links: usize,
     /// Extra `[[service]]` keys, as TOML lines; a key given twice keeps the last.
@@ -54,7 +54,7 @@ impl MinimalGateway {
             listener_keys: Vec::new(),
             routes: vec!["/echo".into()],
             service: "example".into(),
-            service_addr: service_addr.to_string(),
+            service_addrs: vec![service_addr.to_string()],
             links: 2,
             service_keys: Vec::new(),
             before: String::new(),
@@ -87,10 +87,17 @@ impl MinimalGateway {
                 self.listener, self.service
             );
         }
+        let addresses: Vec<String> = self
+            .service_addrs
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect();
         let _ = write!(
             t,
-            "\n[[service]]\nname = \"{}\"\naddresses = [\"{}\"]\nlinks = {}\n",
-            self.service, self.service_addr, self.links
+            "\n[[service]]\nname = \"{}\"\naddresses = [{}]\nlinks = {}\n",
+            self.service,
+            addresses.join(", "),
+            self.links
         );
         for (i, line) in self.service_keys.iter().enumerate() {
             let key = line.split('=').next().unwrap_or("").trim();

@@ -201,7 +201,8 @@ impl Drop for ExampleService {
 /// Builds the TOML for a test gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayBuilder {
-    service_addr: std::net::SocketAddr,
+    /// The test service's addresses, one per instance.
+    service_addrs: Vec<std::net::SocketAddr>,
     links: usize,
     routes: Vec<String>,
     limits: Vec<(String, String)>,
@@ -216,7 +217,7 @@ pub struct GatewayBuilder {
 impl GatewayBuilder {
     pub fn new(service_addr: std::net::SocketAddr) -> Self {
         Self {
-            service_addr,
+            service_addrs: vec![service_addr],
             links: 2,
             routes: vec!["/echo".into(), "/chat".into()],
             limits: Vec::new(),
@@ -247,9 +248,22 @@ impl GatewayBuilder {
         self
     }
 
+    /// Links per instance of the test service.
     pub fn links(mut self, n: usize) -> Self {
         self.links = n;
         self
+    }
+
+    /// Gives the test service these instances (its `addresses`), instead of
+    /// the one address the builder was made with.
+    pub fn instances(mut self, addrs: &[std::net::SocketAddr]) -> Self {
+        self.service_addrs = addrs.to_vec();
+        self
+    }
+
+    /// Links the gateway keeps to the test service: `links` per instance.
+    pub fn total_links(&self) -> usize {
+        self.links * self.service_addrs.len()
     }
 
     /// Sets a `[limits]` key (value as TOML).
@@ -278,8 +292,8 @@ impl GatewayBuilder {
     /// The config text this builder produces, with `cert`: the shared
     /// [`fixture::MinimalGateway`] with this builder's keys.
     pub fn toml(&self, cert: &TestCert) -> String {
-        let mut g =
-            fixture::MinimalGateway::new(&cert.cert_path, &cert.key_path, self.service_addr);
+        let mut g = fixture::MinimalGateway::new(&cert.cert_path, &cert.key_path, "");
+        g.service_addrs = self.service_addrs.iter().map(ToString::to_string).collect();
         g.listener = "test".into();
         g.service = "svc".into();
         g.routes.clone_from(&self.routes);
@@ -319,7 +333,9 @@ impl GatewayBuilder {
         g.toml()
     }
 
-    /// Starts the gateway and waits until every link is up.
+    /// Starts the gateway and waits until every link (to every instance)
+    /// is up. Call it again (on a clone) for more gateways in front of the
+    /// same instances: each has its own certificate, ports and name.
     pub async fn start(self) -> TestGateway {
         let dir = temp_dir("gw");
         let cert = TestCert::generate(&dir);
@@ -337,7 +353,7 @@ impl GatewayBuilder {
             config,
             dir,
         };
-        tg.wait_links(self.links).await;
+        tg.wait_links(self.total_links()).await;
         tg
     }
 }
@@ -375,7 +391,8 @@ impl TestGateway {
         self.gateway.as_ref().expect("running")
     }
 
-    /// Waits until `n` links to the test service are up.
+    /// Waits until `n` links to the test service (over all its instances)
+    /// are up.
     pub async fn wait_links(&self, n: usize) {
         if eventually(Duration::from_secs(5), || {
             self.gateway().links_up("svc") >= n
@@ -408,6 +425,16 @@ impl TestGateway {
     /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`), on an ephemeral port.
     pub fn admin_addr(&self) -> std::net::SocketAddr {
         self.gateway().admin_addr()
+    }
+
+    /// Instances of the test service with a link up, and how many it has,
+    /// as the metrics say them.
+    pub fn instances_linked(&self) -> (usize, usize) {
+        let of = |name| self.metric(name, "service=\"svc\"") as usize;
+        (
+            of("edgegate_service_instances_linked"),
+            of("edgegate_service_instances"),
+        )
     }
 
     /// Counter or gauge value from the metrics text: the sum of every series
