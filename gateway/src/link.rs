@@ -3,10 +3,11 @@
 //! configured address), so every gateway is linked to every instance and a
 //! publish from any instance reaches this gateway's subscribers.
 //!
-//! A slot dials its one instance, exchanges Hello, then runs two halves: a
-//! writer task that drains the slot's bounded queue into the socket, and a
-//! reader (the slot task itself) that dispatches service frames to clients and
-//! topics. When a link drops, the slot redials the same instance with
+//! A slot dials its one instance, exchanges Hello, then runs two halves: the
+//! link crate's writer (`edgegate_link::writer`, the same on the service's
+//! end) that drains the slot's bounded queue into the socket, pings, and
+//! bounds every write, and a reader (the slot task itself) that dispatches
+//! service frames to clients and topics. When a link drops, the slot redials the same instance with
 //! jittered exponential backoff; an instance that never answers holds up only
 //! its own slots.
 //!
@@ -23,7 +24,9 @@
 //! - While a service has no link up, new clients are closed with 1013 right
 //!   after the upgrade.
 //! - A link that sends nothing (not even a pong) for `ping_timeout_secs` is
-//!   torn down and redialled.
+//!   torn down and redialled; so is a link whose write does not finish
+//!   within `ping_timeout_secs` (the service stopped reading), even while
+//!   the service still pings.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -35,6 +38,7 @@ use edgegate_link::proto::{
     frame_cap_for_messages, ClientId, Frame, FrameCodec, Kind, CLIENT_MESSAGE_OVERHEAD,
     MIN_FRAME_BYTES, PROTOCOL_VERSION,
 };
+use edgegate_link::writer::{LinkWriter, Pongs, WriterConfig};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::{Mutex, RwLock};
 use rand::Rng;
@@ -407,8 +411,16 @@ async fn run_slot(
     }
 }
 
+/// Bound on the goodbye at shutdown: what is queued, then the Goaway.
+const GOAWAY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Runs one established link until it drops or `stop` is cancelled; returns
 /// why it ended.
+///
+/// The writer is the link crate's [`LinkWriter`], as on the service's end:
+/// it pings every `ping_interval_secs`, answers the newest ping ahead of
+/// queued data, and ends the link when a write does not finish within
+/// `ping_timeout_secs` (the service stopped reading).
 async fn run_link(
     link: &Arc<LinkHandle>,
     mut reader: Reader,
@@ -418,62 +430,46 @@ async fn run_link(
     shared: &Arc<Shared>,
     stop: &CancellationToken,
 ) -> String {
-    let writer_task = tokio::spawn(write_frames(writer, rx, shared.clone()));
-    let mut last_seen = Instant::now();
-    let mut ping =
-        tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
-    let mut nonce = 0u64;
-    let reason = loop {
+    let frames_out = shared.metrics.link_frames_out.clone();
+    let (mut writer, pongs) = LinkWriter::spawn(
+        writer,
+        rx,
+        WriterConfig {
+            ping_interval: config.ping_interval,
+            write_timeout: config.ping_timeout,
+        },
+        move |n| {
+            frames_out.inc_by(n as u64);
+        },
+    );
+    let silence = tokio::time::sleep(config.ping_timeout);
+    tokio::pin!(silence);
+    loop {
         tokio::select! {
             frame = reader.next() => match frame {
-                None => break "service closed the link".to_string(),
-                Some(Err(e)) => break format!("read: {e}"),
+                None => return "service closed the link".to_string(),
+                Some(Err(e)) => return format!("read: {e}"),
                 Some(Ok(frame)) => {
-                    last_seen = Instant::now();
+                    silence.as_mut().reset(Instant::now() + config.ping_timeout);
                     shared.metrics.link_frames_in.inc();
-                    if let Err(end) = dispatch(link, frame, shared).await {
-                        break end;
+                    if let Err(end) = dispatch(link, frame, &pongs, shared).await {
+                        return end;
                     }
                 }
             },
-            _ = ping.tick() => {
-                if last_seen.elapsed() >= config.ping_timeout {
-                    break format!("no frame for {:?}", config.ping_timeout);
-                }
-                nonce += 1;
-                // A full queue already shows the link busy; skip this ping.
-                let _ = link.tx.try_send(Frame::Ping { nonce });
+            written = writer.ended() => {
+                return match written {
+                    Ok(()) => "link writer stopped".to_string(),
+                    Err(e) => format!("write: {e}"),
+                };
             }
+            () = &mut silence => return format!("no frame for {:?}", config.ping_timeout),
             () = stop.cancelled() => {
                 // Clients were drained before links are stopped: say goodbye
                 // after what is queued.
-                let _ = timeout(Duration::from_secs(5), link.tx.send(Frame::Goaway { code: 0, reason: "gateway shutting down".into() })).await;
-                break "gateway shutting down".to_string();
-            }
-        }
-    };
-    if stop.is_cancelled() {
-        // Let the writer flush the Goaway, bounded.
-        let _ = timeout(Duration::from_secs(5), writer_task).await;
-    } else {
-        writer_task.abort();
-    }
-    reason
-}
-
-/// Drains the link queue into the socket, flushing when the queue is empty.
-/// Ends after writing a Goaway or on a write error.
-async fn write_frames(mut writer: Writer, mut rx: mpsc::Receiver<Frame>, shared: Arc<Shared>) {
-    while let Some(frame) = rx.recv().await {
-        let last = matches!(frame, Frame::Goaway { .. });
-        if writer.feed(frame).await.is_err() {
-            return;
-        }
-        shared.metrics.link_frames_out.inc();
-        if last || rx.is_empty() {
-            let flushed = SinkExt::<Frame>::flush(&mut writer).await.is_ok();
-            if !flushed || last {
-                return;
+                let goaway = Frame::Goaway { code: 0, reason: "gateway shutting down".into() };
+                writer.stop(Some(goaway), GOAWAY_TIMEOUT.min(config.ping_timeout)).await;
+                return "gateway shutting down".to_string();
             }
         }
     }
@@ -483,6 +479,7 @@ async fn write_frames(mut writer: Writer, mut rx: mpsc::Receiver<Frame>, shared:
 async fn dispatch(
     link: &Arc<LinkHandle>,
     frame: Frame,
+    pongs: &Pongs,
     shared: &Arc<Shared>,
 ) -> Result<(), String> {
     match frame {
@@ -549,9 +546,7 @@ async fn dispatch(
                 "service published invalid UTF-8 as text; publish dropped"
             ),
         },
-        Frame::Ping { nonce } => {
-            let _ = link.tx.try_send(Frame::Pong { nonce });
-        }
+        Frame::Ping { nonce } => pongs.answer(nonce),
         Frame::Pong { .. } => {}
         Frame::Goaway { code, reason } => {
             return Err(format!("service sent goaway {code}: {reason}"))

@@ -12,6 +12,7 @@
 //! | module | holds |
 //! |---|---|
 //! | [`proto`] | [`Frame`](proto::Frame) and [`FrameCodec`](proto::FrameCodec): the wire format, shared by gateway and service |
+//! | [`writer`] | [`LinkWriter`](writer::LinkWriter): the writing half of a link end, used by both ends: every write bounded, its own pings, pongs ahead of data |
 //! | [`service`] | [`Service`](service::Service): accepts links, runs the hello and ping exchange, turns frames into [`Event`](service::Event)s |
 //! | [`example`] | the example service (`/echo`, `/chat`) that `edgegate demo` and the tests run |
 //!
@@ -43,3 +44,4 @@
 pub mod example;
 pub mod proto;
 pub mod service;
+pub mod writer;

@@ -15,10 +15,12 @@
 //!    [`Event::LinkUp`].
 //! 3. **up**: a reader (the link task) and a writer (a second task) run until
 //!    the link ends. The reader answers pings through the writer and turns
-//!    client frames into events. The writer sends queued frames and a `Ping`
+//!    client frames into events. The writer ([`crate::writer`], the same as
+//!    on the gateway's end) sends queued frames and a `Ping`
 //!    every `ping_interval`.
 //! 4. **down**: the link is unregistered (sends to it fail from then on), a
-//!    closing `Goaway` is written when there is one to say, and
+//!    closing `Goaway` is written (after what is queued) when there is one
+//!    to say, and
 //!    [`Event::LinkDown`] is emitted exactly once.
 //!
 //! # Bounds
@@ -43,8 +45,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -54,17 +55,13 @@ use crate::proto::{
     ClientId, CodecError, Frame, FrameCodec, Kind, GOAWAY_NORMAL, GOAWAY_PROTOCOL_ERROR,
     GOAWAY_UNSUPPORTED_VERSION, MAX_FRAME_BYTES, MIN_FRAME_BYTES, PROTOCOL_VERSION,
 };
+use crate::writer::{LinkWriter, Pongs, WriterConfig};
 
 /// Id the service gives each accepted link, unique for the life of the [`Service`].
 pub type LinkId = u64;
 
 /// Pause after a failed `accept` (e.g. EMFILE) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
-/// Most frames the writer batches into one flush, so a busy queue cannot
-/// starve pings and pongs for long.
-const WRITE_BATCH_FRAMES: usize = 64;
-/// Shortest ping interval accepted; a zero interval would spin.
-const MIN_PING_INTERVAL: Duration = Duration::from_millis(1);
 
 /// How a [`Service`] runs its links.
 #[derive(Clone, Debug)]
@@ -505,7 +502,7 @@ impl LinkEnd {
 }
 
 type LinkReader = FramedRead<OwnedReadHalf, FrameCodec>;
-type LinkWriter = FramedWrite<OwnedWriteHalf, FrameCodec>;
+type LinkSink = FramedWrite<OwnedWriteHalf, FrameCodec>;
 
 /// One link's whole life: hello, up, down. Holds its permit until the end.
 async fn run_link(ctx: LinkCtx, id: LinkId, stream: TcpStream, _permit: OwnedSemaphorePermit) {
@@ -529,18 +526,14 @@ async fn run_link(ctx: LinkCtx, id: LinkId, stream: TcpStream, _permit: OwnedSem
     info!("link up");
 
     let (frames_tx, frames_rx) = mpsc::channel(ctx.config.link_queue_frames.max(1));
-    let (pong_tx, pong_rx) = watch::channel(0u64);
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let mut write_task = tokio::spawn(
-        write_loop(
-            writer,
-            frames_rx,
-            pong_rx,
-            stop_rx,
-            ctx.config.ping_interval.max(MIN_PING_INTERVAL),
+    let (mut writer, pongs) = LinkWriter::spawn(
+        writer,
+        frames_rx,
+        WriterConfig {
+            ping_interval: ctx.config.ping_interval,
             write_timeout,
-        )
-        .in_current_span(),
+        },
+        |_| {},
     );
     ctx.shared.links().insert(
         id,
@@ -555,7 +548,7 @@ async fn run_link(ctx: LinkCtx, id: LinkId, stream: TcpStream, _permit: OwnedSem
         Err(end) => (false, end),
         Ok(()) => (
             true,
-            read_loop(&ctx, id, &mut reader, &pong_tx, &mut write_task).await,
+            read_loop(&ctx, id, &mut reader, &pongs, &mut writer).await,
         ),
     };
 
@@ -563,12 +556,8 @@ async fn run_link(ctx: LinkCtx, id: LinkId, stream: TcpStream, _permit: OwnedSem
     ctx.shared.links().remove(&id);
     end.log();
     if !matches!(end, LinkEnd::Write(_)) {
-        let _ = stop_tx.send(end.goaway());
-        // `frames_tx` is still held here, so the writer stops through
-        // `stop_rx` (with the goaway) rather than through a closed queue.
-        if timeout(write_timeout, &mut write_task).await.is_err() {
-            write_task.abort();
-        }
+        // What is queued, then the goaway, each bounded by the writer.
+        writer.stop(end.goaway(), write_timeout).await;
     }
     drop(frames_tx);
     if announced {
@@ -582,7 +571,7 @@ async fn run_link(ctx: LinkCtx, id: LinkId, stream: TcpStream, _permit: OwnedSem
 async fn hello(
     ctx: &LinkCtx,
     reader: &mut LinkReader,
-    writer: &mut LinkWriter,
+    writer: &mut LinkSink,
 ) -> Result<(String, usize), LinkEnd> {
     let first = tokio::select! {
         biased;
@@ -646,8 +635,8 @@ async fn read_loop(
     ctx: &LinkCtx,
     id: LinkId,
     reader: &mut LinkReader,
-    pong_tx: &watch::Sender<u64>,
-    write_task: &mut JoinHandle<Result<(), CodecError>>,
+    pongs: &Pongs,
+    writer: &mut LinkWriter,
 ) -> LinkEnd {
     let silence = ctx.config.ping_timeout;
     let deadline = tokio::time::sleep(silence);
@@ -656,10 +645,9 @@ async fn read_loop(
         let next = tokio::select! {
             biased;
             () = ctx.shutdown.cancelled() => return LinkEnd::Shutdown,
-            written = &mut *write_task => {
+            written = writer.ended() => {
                 return LinkEnd::Write(match written {
-                    Ok(Ok(())) => "writer stopped".to_owned(),
-                    Ok(Err(error)) => error.to_string(),
+                    Ok(()) => "writer stopped".to_owned(),
                     Err(error) => error.to_string(),
                 });
             }
@@ -674,7 +662,7 @@ async fn read_loop(
         let event = match frame {
             Frame::Ping { nonce } => {
                 // Latest nonce wins: the writer answers the newest ping.
-                pong_tx.send_replace(nonce);
+                pongs.answer(nonce);
                 None
             }
             Frame::Pong { .. } => None,
@@ -735,73 +723,5 @@ async fn read_loop(
         // Time spent waiting for the application does not count as the
         // gateway's silence.
         deadline.as_mut().reset(Instant::now() + silence);
-    }
-}
-
-/// Writes queued frames, pongs and pings until told to stop; then writes the
-/// final frame, if any. Each write batch is bounded by `write_timeout`.
-async fn write_loop(
-    mut sink: LinkWriter,
-    mut frames: mpsc::Receiver<Frame>,
-    mut pongs: watch::Receiver<u64>,
-    mut stop: oneshot::Receiver<Option<Frame>>,
-    ping_interval: Duration,
-    write_timeout: Duration,
-) -> Result<(), CodecError> {
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ping_nonce = 0u64;
-    let mut pongs_open = true;
-    loop {
-        let first = tokio::select! {
-            biased;
-            last = &mut stop => {
-                if let Ok(Some(frame)) = last {
-                    bounded(write_timeout, sink.send(frame)).await?;
-                }
-                return Ok(());
-            }
-            changed = pongs.changed(), if pongs_open => match changed {
-                Ok(()) => Frame::Pong { nonce: *pongs.borrow_and_update() },
-                Err(_) => {
-                    pongs_open = false;
-                    continue;
-                }
-            },
-            _ = ping.tick() => {
-                ping_nonce = ping_nonce.wrapping_add(1);
-                Frame::Ping { nonce: ping_nonce }
-            }
-            frame = frames.recv() => match frame {
-                Some(frame) => frame,
-                None => return Ok(()),
-            },
-        };
-        bounded(write_timeout, async {
-            sink.feed(first).await?;
-            for _ in 0..WRITE_BATCH_FRAMES {
-                match frames.try_recv() {
-                    Ok(frame) => sink.feed(frame).await?,
-                    Err(_) => break,
-                }
-            }
-            SinkExt::<Frame>::flush(&mut sink).await
-        })
-        .await?;
-    }
-}
-
-/// Runs a write with a deadline; a write that cannot finish means the
-/// gateway stopped reading.
-async fn bounded(
-    limit: Duration,
-    write: impl std::future::Future<Output = Result<(), CodecError>>,
-) -> Result<(), CodecError> {
-    match timeout(limit, write).await {
-        Ok(result) => result,
-        Err(_elapsed) => Err(CodecError::Io(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "link write timed out",
-        ))),
     }
 }

@@ -253,3 +253,151 @@ async fn every_gateway_links_every_instance_and_losing_one_closes_only_its_clien
         }
     }
 }
+
+/// A service that answers `who` with its link's number and, on a link where
+/// a client says `stop reading`, stops reading that link while it keeps
+/// pinging it: the link looks alive to a silence check and can never be
+/// written to once the socket buffers are full.
+async fn stalling_service(listener: TcpListener) {
+    let mut next = 0u32;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        next += 1;
+        tokio::spawn(stalling_link(stream, next));
+    }
+}
+
+async fn stalling_link(stream: tokio::net::TcpStream, number: u32) {
+    use edgegate_link::proto::{Frame, FrameCodec, Kind, PROTOCOL_VERSION};
+    use std::sync::Arc;
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
+    let (r, w) = stream.into_split();
+    let mut reader = FramedRead::new(r, FrameCodec::default());
+    let writer = Arc::new(tokio::sync::Mutex::new(FramedWrite::new(
+        w,
+        FrameCodec::default(),
+    )));
+    let Some(Ok(Frame::Hello { .. })) = reader.next().await else {
+        return;
+    };
+    let hello = Frame::Hello {
+        version: PROTOCOL_VERSION,
+        name: "stalling".into(),
+        max_frame_bytes: 1 << 20,
+    };
+    if writer.lock().await.send(hello).await.is_err() {
+        return;
+    }
+    let pinger = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            for nonce in 1.. {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if writer
+                    .lock()
+                    .await
+                    .send(Frame::Ping { nonce })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    };
+    while let Some(Ok(frame)) = reader.next().await {
+        let Frame::ClientMessage {
+            client, payload, ..
+        } = frame
+        else {
+            continue;
+        };
+        match &payload[..] {
+            b"who" => {
+                let answer = Frame::ClientMessage {
+                    client,
+                    kind: Kind::Text,
+                    payload: format!("link-{number}").into(),
+                };
+                let _ = writer.lock().await.send(answer).await;
+            }
+            b"stop reading" => {
+                // Keep the socket and the pings, read nothing more.
+                let _ = pinger.await;
+                drop(reader);
+                return;
+            }
+            _ => {}
+        }
+    }
+    pinger.abort();
+}
+
+/// Asks a client of the stalling service which link it is on.
+async fn which_link(ws: &mut WsClient) -> String {
+    ws.send(Message::text("who")).await.unwrap();
+    match next_message(ws).await {
+        Some(Message::Text(t)) => t.to_string(),
+        other => panic!("no answer to who: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_service_that_stops_reading_but_pings_loses_the_link_and_its_clients_get_1012() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _service = tokio::spawn(stalling_service(listener));
+    // A short link queue, so the stall is reached after a few MiB.
+    let gw = GatewayBuilder::new(addr)
+        .links(2)
+        .service_key("link_queue_frames", 16)
+        .start()
+        .await;
+
+    // Four clients, two on each link.
+    let mut clients: Vec<Option<WsClient>> = open_clients(&gw, "/echo", 4)
+        .await
+        .into_iter()
+        .map(Some)
+        .collect();
+    let mut on: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let ws = ws.as_mut().expect("open");
+        on.entry(which_link(ws).await).or_default().push(i);
+    }
+    let mut links: Vec<Vec<usize>> = on.into_values().collect();
+    assert_eq!(links.len(), 2, "clients on both links: {links:?}");
+    let (stalled, healthy) = (links.remove(0), links.remove(0));
+    let mut flood = clients[stalled[0]].take().expect("flooder");
+    let mut bystander = clients[stalled[1]].take().expect("bystander");
+
+    // The flooder's link stops reading; the flooder fills it.
+    flood.send(Message::text("stop reading")).await.unwrap();
+    let flooding = tokio::spawn(async move {
+        let chunk = vec![7u8; 60 * 1024];
+        while flood.send(Message::binary(chunk.clone())).await.is_ok() {}
+    });
+
+    // The gateway's bounded write gives up (ping_timeout_secs = 3 in the
+    // fixture) although the service still pings: the link is torn down and
+    // the other client bound to it is closed with 1012.
+    let started = Instant::now();
+    assert_eq!(
+        edgegate_tests::close_code(&mut bystander, Duration::from_secs(15)).await,
+        Some(1012)
+    );
+    println!("stalled link torn down after {:?}", started.elapsed());
+    flooding.abort();
+    // The clients of the other link still work, and a new client is bound
+    // to a link that reads.
+    for i in healthy {
+        let ws = clients[i].as_mut().expect("healthy client");
+        assert!(which_link(ws).await.starts_with("link-"));
+    }
+    let mut fresh = gw.connect("/echo").await;
+    assert!(which_link(&mut fresh).await.starts_with("link-"));
+    assert!(gw.metric("edgegate_clients_closed_total", "reason=\"link_lost\"") >= 1.0);
+}
