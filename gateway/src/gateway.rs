@@ -22,7 +22,7 @@ use crate::admin::{AdminServer, GatewayView};
 use crate::client::ListenerCtx;
 use crate::close::CloseReason;
 use crate::config::Config;
-use crate::link::{spawn_pool, ServicePool};
+use crate::link::{spawn_pool, LinkContext, ServicePool};
 use crate::listener::{accept_loop, bind};
 use crate::metrics::Metrics;
 use crate::state::{Settings, Shared};
@@ -155,13 +155,19 @@ impl Gateway {
 
         let link_stop = CancellationToken::new();
         let gateway_name: Arc<str> = Arc::from(gateway_name().as_str());
+        let link_ctx = Arc::new(LinkContext {
+            clients: shared.clients.clone(),
+            topics: shared.topics.clone(),
+            metrics: shared.metrics.clone(),
+            settings: shared.settings_handle(),
+        });
         let mut pools = Vec::new();
         let mut link_tasks = Vec::new();
         for s in &config.services {
             let (pool, tasks) = spawn_pool(
                 s.clone(),
                 gateway_name.clone(),
-                shared.clone(),
+                link_ctx.clone(),
                 link_stop.clone(),
             );
             pools.push(pool);

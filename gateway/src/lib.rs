@@ -29,7 +29,9 @@
 //! - [`topics`]: topic membership and fan-out (sharded, batched).
 //! - [`state`]: what the whole gateway shares: admission (the client cap),
 //!   lifecycle (drain, leave), the settings a reload swaps.
-//! - [`link`]: link pools, dialling, the link reader and writer.
+//! - [`link`]: link pools (`links` per service instance), dialling, the link
+//!   reader and dispatch; it gets a narrow `LinkContext`, not `Shared`. The
+//!   writer is the link crate's.
 //! - [`framed`]: the framed client protocol as a stream of messages.
 //! - [`client`]: one client's life: TLS → upgrade (or framed Hello) → session → close.
 //! - [`listener`]: bind with backlog; the accept loop (permit, cap, spawn).

@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use edgegate_link::proto::{
     frame_cap_for_messages, ClientId, Frame, FrameCodec, Kind, CLIENT_MESSAGE_OVERHEAD,
@@ -53,8 +54,23 @@ use tracing::{debug, info, warn};
 
 use crate::close::CloseReason;
 use crate::config::ServiceConfig;
+use crate::metrics::Metrics;
 use crate::outbox::ClientHandle;
-use crate::state::Shared;
+use crate::registry::ClientRegistry;
+use crate::state::Settings;
+use crate::topics::Topics;
+
+/// What the links need of the gateway and nothing more: the client registry
+/// (to deliver to and close the clients bound to a link), the topics
+/// (subscribe, publish), the metrics, and the live settings (the message cap
+/// a link says in its `Hello`, read at each dial so a reload applies).
+#[derive(Debug, Clone)]
+pub struct LinkContext {
+    pub clients: Arc<ClientRegistry>,
+    pub topics: Arc<Topics>,
+    pub metrics: Arc<Metrics>,
+    pub settings: Arc<ArcSwap<Settings>>,
+}
 
 /// Link ids are unique in the process, for logs.
 static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
@@ -190,7 +206,7 @@ impl ServicePool {
 pub fn spawn_pool(
     config: ServiceConfig,
     gateway_name: Arc<str>,
-    shared: Arc<Shared>,
+    ctx: Arc<LinkContext>,
     stop: CancellationToken,
 ) -> (Arc<ServicePool>, Vec<tokio::task::JoinHandle<()>>) {
     let pool = Arc::new(ServicePool::new(
@@ -208,7 +224,7 @@ pub fn spawn_pool(
                 pool.clone(),
                 config.clone(),
                 gateway_name.clone(),
-                shared.clone(),
+                ctx.clone(),
                 stop.clone(),
             ))
         })
@@ -325,7 +341,7 @@ async fn run_slot(
     pool: Arc<ServicePool>,
     config: Arc<ServiceConfig>,
     gateway_name: Arc<str>,
-    shared: Arc<Shared>,
+    ctx: Arc<LinkContext>,
     stop: CancellationToken,
 ) {
     let label = [("service", config.name.clone())];
@@ -339,11 +355,11 @@ async fn run_slot(
             return;
         }
         if attempt > 0 {
-            shared.metrics.link_reconnects.get_or_create(&label).inc();
+            ctx.metrics.link_reconnects.get_or_create(&label).inc();
         }
         attempt += 1;
         // The largest message a service may send is also max_message_bytes.
-        let own_max = frame_cap_for_messages(shared.settings().limits.max_message_bytes);
+        let own_max = frame_cap_for_messages(ctx.settings.load().limits.max_message_bytes);
         let dialled = tokio::select! {
             r = dial(addr, &config, &gateway_name, own_max) => r,
             () = stop.cancelled() => return,
@@ -366,7 +382,7 @@ async fn run_slot(
                     clients: Mutex::new(HashSet::new()),
                 });
                 info!(service = %config.name, link.id = link.id, %addr, peer = %service_name, instance, slot, max_frame_bytes, "link up");
-                let max_message = shared.settings().limits.max_message_bytes;
+                let max_message = ctx.settings.load().limits.max_message_bytes;
                 if max_message + CLIENT_MESSAGE_OVERHEAD > max_frame_bytes {
                     warn!(
                         service = %config.name, link.id = link.id, max_frame_bytes, max_message_bytes = max_message,
@@ -375,10 +391,10 @@ async fn run_slot(
                     );
                 }
                 pool.set(instance, slot, Some(link.clone()));
-                shared.metrics.links_up.get_or_create(&label).inc();
-                let end = run_link(&link, reader, writer, rx, &config, &shared, &stop).await;
+                ctx.metrics.links_up.get_or_create(&label).inc();
+                let end = run_link(&link, reader, writer, rx, &config, &ctx, &stop).await;
                 pool.set(instance, slot, None);
-                shared.metrics.links_up.get_or_create(&label).dec();
+                ctx.metrics.links_up.get_or_create(&label).dec();
                 let bound: Vec<ClientId> = std::mem::take(&mut *link.clients.lock())
                     .into_iter()
                     .collect();
@@ -388,7 +404,7 @@ async fn run_slot(
                 }
                 warn!(service = %config.name, link.id = link.id, %addr, reason = %end, clients = bound.len(), "link down; closing its clients with 1012");
                 for id in bound {
-                    if let Some(c) = shared.clients.get(id) {
+                    if let Some(c) = ctx.clients.get(id) {
                         c.outbox.close(CloseReason::LinkLost);
                     }
                 }
@@ -427,10 +443,10 @@ async fn run_link(
     writer: Writer,
     rx: mpsc::Receiver<Frame>,
     config: &ServiceConfig,
-    shared: &Arc<Shared>,
+    ctx: &LinkContext,
     stop: &CancellationToken,
 ) -> String {
-    let frames_out = shared.metrics.link_frames_out.clone();
+    let frames_out = ctx.metrics.link_frames_out.clone();
     let (mut writer, pongs) = LinkWriter::spawn(
         writer,
         rx,
@@ -451,8 +467,8 @@ async fn run_link(
                 Some(Err(e)) => return format!("read: {e}"),
                 Some(Ok(frame)) => {
                     silence.as_mut().reset(Instant::now() + config.ping_timeout);
-                    shared.metrics.link_frames_in.inc();
-                    if let Err(end) = dispatch(link, frame, &pongs, shared).await {
+                    ctx.metrics.link_frames_in.inc();
+                    if let Err(end) = dispatch(link, frame, &pongs, ctx).await {
                         return end;
                     }
                 }
@@ -480,7 +496,7 @@ async fn dispatch(
     link: &Arc<LinkHandle>,
     frame: Frame,
     pongs: &Pongs,
-    shared: &Arc<Shared>,
+    ctx: &LinkContext,
 ) -> Result<(), String> {
     match frame {
         Frame::ClientMessage {
@@ -488,7 +504,7 @@ async fn dispatch(
             kind,
             payload,
         } => {
-            let Some(c) = own_client(link, shared, client) else {
+            let Some(c) = own_client(link, ctx, client) else {
                 // The client left (the service will see its close), or it is
                 // not this link's: a service addresses only its own clients.
                 return Ok(());
@@ -496,8 +512,7 @@ async fn dispatch(
             match to_message(kind, payload) {
                 Some(msg) => {
                     if c.outbox.push(msg) == crate::outbox::Pushed::DroppedOldest {
-                        shared
-                            .metrics
+                        ctx.metrics
                             .outbound_dropped
                             .get_or_create(&[("policy", "drop_oldest")])
                             .inc();
@@ -514,7 +529,7 @@ async fn dispatch(
             code,
             reason,
         } => {
-            if let Some(c) = own_client(link, shared, client) {
+            if let Some(c) = own_client(link, ctx, client) {
                 let code = if crate::close::valid_close_code(code) {
                     code
                 } else {
@@ -524,13 +539,13 @@ async fn dispatch(
             }
         }
         Frame::Subscribe { client, topic } => {
-            if let Some(c) = own_client(link, shared, client) {
-                shared.topics.subscribe(&topic, &c, &shared.metrics);
+            if let Some(c) = own_client(link, ctx, client) {
+                ctx.topics.subscribe(&topic, &c, &ctx.metrics);
             }
         }
         Frame::Unsubscribe { client, topic } => {
-            if let Some(c) = own_client(link, shared, client) {
-                shared.topics.unsubscribe(&topic, &c, &shared.metrics);
+            if let Some(c) = own_client(link, ctx, client) {
+                ctx.topics.unsubscribe(&topic, &c, &ctx.metrics);
             }
         }
         Frame::Publish {
@@ -539,7 +554,7 @@ async fn dispatch(
             payload,
         } => match to_message(kind, payload) {
             Some(msg) => {
-                shared.topics.publish(&topic, msg, &shared.metrics).await;
+                ctx.topics.publish(&topic, msg, &ctx.metrics).await;
             }
             None => warn!(
                 link.id = link.id,
@@ -563,8 +578,8 @@ async fn dispatch(
 
 /// The client `client` if it was opened on `link`: a service addresses only
 /// its own clients, never another link's (or another service's).
-fn own_client(link: &LinkHandle, shared: &Shared, client: ClientId) -> Option<Arc<ClientHandle>> {
-    shared.clients.get(client).filter(|c| c.link_id == link.id)
+fn own_client(link: &LinkHandle, ctx: &LinkContext, client: ClientId) -> Option<Arc<ClientHandle>> {
+    ctx.clients.get(client).filter(|c| c.link_id == link.id)
 }
 
 /// The WebSocket message for a link payload: encoded once, shared by every

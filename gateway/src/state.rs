@@ -4,8 +4,8 @@
 //! client directory and topics.
 //!
 //! Each part is its own type, so a consumer can be handed only the part it
-//! reads: the admin endpoint gets [`Admission`] and [`Lifecycle`], not
-//! [`Shared`]. The assembler (`gateway`) builds and changes them; nothing
+//! reads: the admin endpoint gets [`Admission`] and [`Lifecycle`], the links
+//! the registry, topics, metrics and settings, not [`Shared`]. The assembler (`gateway`) builds and changes them; nothing
 //! here starts a task.
 
 use std::net::IpAddr;
@@ -194,28 +194,34 @@ impl Lifecycle {
 #[derive(Debug)]
 pub struct Shared {
     pub metrics: Arc<Metrics>,
-    pub clients: ClientRegistry,
-    pub topics: Topics,
+    pub clients: Arc<ClientRegistry>,
+    pub topics: Arc<Topics>,
     pub admission: Arc<Admission>,
     pub lifecycle: Arc<Lifecycle>,
-    settings: ArcSwap<Settings>,
+    settings: Arc<ArcSwap<Settings>>,
 }
 
 impl Shared {
     pub fn new(metrics: Metrics, config: &Config) -> Result<Self, crate::auth::KeyError> {
         Ok(Self {
             metrics: Arc::new(metrics),
-            clients: ClientRegistry::default(),
-            topics: Topics::default(),
+            clients: Arc::new(ClientRegistry::default()),
+            topics: Arc::new(Topics::default()),
             admission: Arc::new(Admission::new(&config.limits)),
             lifecycle: Arc::new(Lifecycle::default()),
-            settings: ArcSwap::from_pointee(Settings::from_config(config)?),
+            settings: Arc::new(ArcSwap::from_pointee(Settings::from_config(config)?)),
         })
     }
 
     /// The current settings (a cheap `Arc` clone).
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.load_full()
+    }
+
+    /// The live settings themselves, for a part that reads them at its own
+    /// moments (a link, at each dial).
+    pub fn settings_handle(&self) -> Arc<ArcSwap<Settings>> {
+        self.settings.clone()
     }
 
     /// Replaces the settings new clients start with.
