@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use edgegate_link::backoff::Backoff;
 use edgegate_link::proto::{
     frame_cap_for_messages, ClientId, Frame, FrameCodec, Kind, CLIENT_MESSAGE_OVERHEAD,
     MIN_FRAME_BYTES, PROTOCOL_VERSION,
@@ -42,7 +43,6 @@ use edgegate_link::proto::{
 use edgegate_link::writer::{LinkWriter, Pongs, WriterConfig};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::{Mutex, RwLock};
-use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout, Instant};
@@ -329,11 +329,9 @@ async fn dial(
     }
 }
 
-/// A random duration in [d/2, d]: spreads redials of many gateways.
-fn jittered(d: Duration) -> Duration {
-    let half = d / 2;
-    half + rand::rng().random_range(Duration::ZERO..=half)
-}
+/// Redials take up to half off each pause at random (a pause in [d/2, d]), so
+/// the gateways that lost one instance do not redial it in lockstep.
+const REDIAL_JITTER: f64 = 0.5;
 
 async fn run_slot(
     instance: usize,
@@ -345,7 +343,7 @@ async fn run_slot(
     stop: CancellationToken,
 ) {
     let label = [("service", config.name.clone())];
-    let mut backoff = config.reconnect_min;
+    let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max, REDIAL_JITTER);
     let mut attempt = 0usize;
     let mut failures = 0u64;
     let addr = pool.instances[instance].addr.clone();
@@ -372,7 +370,7 @@ async fn run_slot(
                 max_frame_bytes,
             }) => {
                 failures = 0;
-                backoff = config.reconnect_min;
+                backoff.reset();
                 let (tx, rx) = mpsc::channel(config.link_queue_frames);
                 let link = Arc::new(LinkHandle {
                     id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed),
@@ -420,10 +418,9 @@ async fn run_slot(
             }
         }
         tokio::select! {
-            () = sleep(jittered(backoff)) => {}
+            () = sleep(backoff.next_delay()) => {}
             () = stop.cancelled() => return,
         }
-        backoff = (backoff * 2).min(config.reconnect_max);
     }
 }
 

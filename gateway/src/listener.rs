@@ -11,14 +11,16 @@
 //!   clients.
 //! - Beyond `max_clients` a connection is closed right after accept (no TLS
 //!   work) and counted in `edgegate_clients_refused_total`.
-//! - Accept errors never end the loop. EMFILE/ENFILE back off (exponentially,
-//!   up to [`ACCEPT_BACKOFF_MAX`]) and are counted by kind.
+//! - Accept errors never end the loop. EMFILE/ENFILE back off (the link
+//!   crate's jittered `Backoff`, from [`ACCEPT_BACKOFF_MIN`] up to
+//!   [`ACCEPT_BACKOFF_MAX`]) and are counted by kind.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgegate_link::backoff::Backoff;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -60,7 +62,7 @@ pub async fn accept_loop(
     stop: CancellationToken,
 ) {
     let shared = ctx.shared.clone();
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX, 0.5);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
@@ -75,7 +77,7 @@ pub async fn accept_loop(
         };
         let (stream, addr) = match accepted {
             Ok(pair) => {
-                backoff = ACCEPT_BACKOFF_MIN;
+                backoff.reset();
                 pair
             }
             Err(e) => {
@@ -89,12 +91,12 @@ pub async fn accept_loop(
                     // ECONNABORTED and friends concern one connection only.
                     continue;
                 }
-                warn!(listener = %ctx.name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                let pause = backoff.next_delay();
+                warn!(listener = %ctx.name, error = %e, backoff_ms = pause.as_millis() as u64, "accept failed; backing off");
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(pause) => {}
                     () = stop.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };

@@ -12,6 +12,7 @@
 //! | module | holds |
 //! |---|---|
 //! | [`proto`] | [`Frame`](proto::Frame) and [`FrameCodec`](proto::FrameCodec): the wire format, shared by gateway and service |
+//! | [`backoff`] | [`Backoff`](backoff::Backoff): jittered exponential backoff, the one retry policy of link redials and both ends' accept loops |
 //! | [`writer`] | [`LinkWriter`](writer::LinkWriter): the writing half of a link end, used by both ends: every write bounded, its own pings, pongs ahead of data |
 //! | [`service`] | [`Service`](service::Service): accepts links, runs the hello and ping exchange, turns frames into [`Event`](service::Event)s |
 //! | [`example`] | the example service (`/echo`, `/chat`) that `edgegate demo` and the tests run |
@@ -41,6 +42,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod example;
 pub mod proto;
 pub mod service;

@@ -8,7 +8,8 @@
 //! # A link's stages
 //!
 //! 1. **accept**: the accept loop takes a link permit (`max_links`) and spawns
-//!    the link task. Accept errors back off and never end the loop.
+//!    the link task. Accept errors back off ([`Backoff`], 5 ms doubling to
+//!    500 ms) and never end the loop.
 //! 2. **hello**: the gateway's `Hello` must arrive within `ping_timeout`; a
 //!    wrong version gets `Goaway` code 1, any other first frame `Goaway` code 2.
 //!    The service answers with its own `Hello`, registers the link and emits
@@ -51,6 +52,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::backoff::Backoff;
 use crate::proto::{
     ClientId, CodecError, Frame, FrameCodec, Kind, GOAWAY_NORMAL, GOAWAY_PROTOCOL_ERROR,
     GOAWAY_UNSUPPORTED_VERSION, MAX_FRAME_BYTES, MIN_FRAME_BYTES, PROTOCOL_VERSION,
@@ -60,8 +62,11 @@ use crate::writer::{LinkWriter, Pongs, WriterConfig};
 /// Id the service gives each accepted link, unique for the life of the [`Service`].
 pub type LinkId = u64;
 
-/// Pause after a failed `accept` (e.g. EMFILE) before trying again.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// First pause after a failed `accept` (e.g. EMFILE) before trying again;
+/// it doubles while accepts keep failing.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest pause: short enough to notice freed descriptors within a second.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// How a [`Service`] runs its links.
 #[derive(Clone, Debug)]
@@ -397,6 +402,7 @@ struct LinkCtx {
 
 async fn accept_loop(listener: TcpListener, ctx: LinkCtx, permits: Arc<Semaphore>) {
     info!(service.name = %ctx.config.name, "service listening for links");
+    let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX, 0.5);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -404,12 +410,16 @@ async fn accept_loop(listener: TcpListener, ctx: LinkCtx, permits: Arc<Semaphore
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                backoff.reset();
+                accepted
+            }
             Err(error) => {
-                warn!(%error, "link accept failed; retrying");
+                let pause = backoff.next_delay();
+                warn!(%error, backoff_ms = pause.as_millis() as u64, "link accept failed; retrying");
                 tokio::select! {
                     () = ctx.shutdown.cancelled() => break,
-                    () = sleep(ACCEPT_ERROR_BACKOFF) => continue,
+                    () = sleep(pause) => continue,
                 }
             }
         };
