@@ -337,6 +337,13 @@ impl GatewayBuilder {
     /// is up. Call it again (on a clone) for more gateways in front of the
     /// same instances: each has its own certificate, ports and name.
     pub async fn start(self) -> TestGateway {
+        let links = self.total_links();
+        self.start_with_links_up(links).await
+    }
+
+    /// Starts the gateway and waits until `links` links are up (for tests
+    /// in which some instance is meant not to be linked).
+    pub async fn start_with_links_up(self, links: usize) -> TestGateway {
         let dir = temp_dir("gw");
         let cert = TestCert::generate(&dir);
         let text = self.toml(&cert);
@@ -353,7 +360,7 @@ impl GatewayBuilder {
             config,
             dir,
         };
-        tg.wait_links(self.total_links()).await;
+        tg.wait_links(links).await;
         tg
     }
 }

@@ -401,3 +401,114 @@ async fn a_service_that_stops_reading_but_pings_loses_the_link_and_its_clients_g
     assert!(which_link(&mut fresh).await.starts_with("link-"));
     assert!(gw.metric("edgegate_clients_closed_total", "reason=\"link_lost\"") >= 1.0);
 }
+
+#[tokio::test]
+async fn an_instance_that_never_answers_holds_up_only_its_own_links() {
+    // The silent instance accepts TCP (the kernel does) but never says Hello:
+    // each dial to it waits out connect_timeout_secs, set far beyond the
+    // test's patience.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let answering = ExampleService::start().await;
+    let gw = GatewayBuilder::new(answering.addr)
+        .instances(&[silent.local_addr().unwrap(), answering.addr])
+        .links(2)
+        .service_key("connect_timeout_secs", 120)
+        .start_with_links_up(2)
+        .await;
+    assert_eq!(gw.instances_linked(), (1, 2));
+    // The gateway is ready and serves clients while its dials to the silent
+    // instance are still waiting for a Hello.
+    let r = edgegate_tests::http_get(gw.admin_addr(), "/readyz")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "ready\nservice svc: 1 of 2 instances linked\n")
+    );
+    let mut ws = gw.connect("/echo").await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Some(Message::text("hi")));
+    assert_eq!(gw.instances_linked(), (1, 2));
+}
+
+/// A gateway's end of a link that says Hello, then pings every 100 ms and
+/// never reads again.
+async fn gateway_that_stops_reading(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    use edgegate_link::proto::{Frame, FrameCodec, PROTOCOL_VERSION};
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (r, w) = stream.into_split();
+    let mut reader = FramedRead::new(r, FrameCodec::default());
+    let mut writer = FramedWrite::new(w, FrameCodec::default());
+    let hello = Frame::Hello {
+        version: PROTOCOL_VERSION,
+        name: "stops-reading".into(),
+        max_frame_bytes: 1 << 20,
+    };
+    writer.send(hello).await.unwrap();
+    assert!(matches!(reader.next().await, Some(Ok(Frame::Hello { .. }))));
+    tokio::spawn(async move {
+        let _reader = reader;
+        for nonce in 1.. {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if writer.send(Frame::Ping { nonce }).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_gateway_that_stops_reading_but_pings_loses_the_link_at_the_service() {
+    use edgegate_link::proto::{Frame, Kind};
+    use edgegate_link::service::{Event, Service, ServiceConfig};
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = ServiceConfig::new("stalled");
+    config.ping_interval = Duration::from_millis(500);
+    config.ping_timeout = Duration::from_secs(2);
+    config.link_queue_frames = 16;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (service, mut events) = Service::start(listener, config, stop.clone()).unwrap();
+    let _peer = gateway_that_stops_reading(addr).await;
+    let link = match tokio::time::timeout(WAIT, events.recv()).await.unwrap() {
+        Some(Event::LinkUp { link, .. }) => link,
+        other => panic!("expected the link up, got {other:?}"),
+    };
+
+    // The service writes to it until its bounded write gives up (ping
+    // timeout 2 s) although the gateway still pings: the link goes down.
+    let started = Instant::now();
+    let sender = service.clone();
+    let flooding = tokio::spawn(async move {
+        let payload = bytes::Bytes::from(vec![7u8; 60 * 1024]);
+        loop {
+            let frame = Frame::ClientMessage {
+                client: 1,
+                kind: Kind::Binary,
+                payload: payload.clone(),
+            };
+            if sender.send(link, frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(15), events.recv())
+        .await
+        .expect("link down in time")
+    {
+        Some(Event::LinkDown { link: down }) => assert_eq!(down, link),
+        other => panic!("expected the link down, got {other:?}"),
+    }
+    println!(
+        "service dropped the unread link after {:?}",
+        started.elapsed()
+    );
+    tokio::time::timeout(WAIT, flooding)
+        .await
+        .expect("sends fail once the link is down")
+        .unwrap();
+    stop.cancel();
+}
