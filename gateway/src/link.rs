@@ -36,9 +36,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use edgegate_link::backoff::Backoff;
+use edgegate_link::hello::{self, HelloError};
 use edgegate_link::proto::{
     frame_cap_for_messages, ClientId, Frame, FrameCodec, Kind, CLIENT_MESSAGE_OVERHEAD,
-    MIN_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use edgegate_link::writer::{LinkWriter, Pongs, WriterConfig};
 use futures_util::{SinkExt, StreamExt};
@@ -242,8 +242,8 @@ enum DialError {
     },
     #[error("connect {addr}: timed out")]
     Timeout { addr: String },
-    #[error("hello with {addr}: {message}")]
-    Hello { addr: String, message: String },
+    #[error("hello with {addr}: {source}")]
+    Hello { addr: String, source: HelloError },
 }
 
 type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>;
@@ -259,7 +259,8 @@ struct Dialled {
     max_frame_bytes: usize,
 }
 
-/// Dials `addr` and exchanges `Hello`s. The gateway accepts frames up to
+/// Dials `addr` and exchanges `Hello`s (the link crate's [`hello::offer`],
+/// the same checks the service makes). The gateway accepts frames up to
 /// `max_frame_bytes` (said in its `Hello`) and sends none larger than the
 /// service's.
 async fn dial(
@@ -281,52 +282,33 @@ async fn dial(
     let mut reader = FramedRead::new(r, FrameCodec::new(max_frame_bytes));
     // Only Hello goes out until the service has said its cap.
     let mut writer = FramedWrite::new(w, FrameCodec::default());
-    let hello_err = |message: String| DialError::Hello {
-        addr: addr.into(),
-        message,
-    };
-    writer
-        .send(Frame::Hello {
-            version: PROTOCOL_VERSION,
-            name: gateway_name.to_owned(),
-            max_frame_bytes: u32::try_from(max_frame_bytes).unwrap_or(u32::MAX),
-        })
-        .await
-        .map_err(|e| hello_err(e.to_string()))?;
-    match timeout(config.connect_timeout, reader.next()).await {
-        Err(_) => Err(hello_err("no hello within connect_timeout_secs".into())),
-        Ok(None) => Err(hello_err("closed before hello".into())),
-        Ok(Some(Err(e))) => Err(hello_err(e.to_string())),
-        Ok(Some(Ok(Frame::Hello {
-            version,
-            name,
-            max_frame_bytes: peer_max,
-        }))) if version == PROTOCOL_VERSION => {
-            let peer_max = usize::try_from(peer_max).unwrap_or(usize::MAX);
-            if peer_max < MIN_FRAME_BYTES {
-                return Err(hello_err(format!(
-                    "service accepts frames up to {peer_max} bytes, below the protocol's minimum {MIN_FRAME_BYTES}"
-                )));
+    let offered = hello::offer(
+        &mut reader,
+        &mut writer,
+        gateway_name,
+        max_frame_bytes,
+        config.connect_timeout,
+    )
+    .await;
+    let peer = match offered {
+        Ok(peer) => peer,
+        Err(source) => {
+            // Say why before closing, as the service does (protocol spec).
+            if let Some(goaway) = source.goaway() {
+                let _ = timeout(config.connect_timeout, writer.send(goaway)).await;
             }
-            *writer.encoder_mut() = FrameCodec::new(peer_max);
-            Ok(Dialled {
-                reader,
-                writer,
-                service_name: name,
-                max_frame_bytes: peer_max,
-            })
+            return Err(DialError::Hello {
+                addr: addr.into(),
+                source,
+            });
         }
-        Ok(Some(Ok(Frame::Hello { version, .. }))) => Err(hello_err(format!(
-            "service speaks version {version}, gateway {PROTOCOL_VERSION}"
-        ))),
-        Ok(Some(Ok(Frame::Goaway { code, reason }))) => {
-            Err(hello_err(format!("goaway {code}: {reason}")))
-        }
-        Ok(Some(Ok(other))) => Err(hello_err(format!(
-            "expected hello, got {}",
-            other.type_name()
-        ))),
-    }
+    };
+    Ok(Dialled {
+        reader,
+        writer,
+        service_name: peer.name,
+        max_frame_bytes: peer.max_frame_bytes,
+    })
 }
 
 /// Redials take up to half off each pause at random (a pause in [d/2, d]), so

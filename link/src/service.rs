@@ -53,9 +53,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
+use crate::hello::{self, HelloError};
 use crate::proto::{
     ClientId, CodecError, Frame, FrameCodec, Kind, GOAWAY_NORMAL, GOAWAY_PROTOCOL_ERROR,
-    GOAWAY_UNSUPPORTED_VERSION, MAX_FRAME_BYTES, MIN_FRAME_BYTES, PROTOCOL_VERSION,
+    MAX_FRAME_BYTES, MIN_FRAME_BYTES,
 };
 use crate::writer::{LinkWriter, Pongs, WriterConfig};
 
@@ -78,7 +79,7 @@ pub struct ServiceConfig {
     /// `Hello` so gateways never send larger ones (a client message that
     /// would need more is refused for that client alone). What the service
     /// sends is checked against each gateway's own cap from its `Hello`.
-    /// At least [`MIN_FRAME_BYTES`](crate::proto::MIN_FRAME_BYTES).
+    /// At least [`MIN_FRAME_BYTES`].
     pub max_frame_bytes: usize,
     /// How often the service pings each link, whatever the traffic.
     pub ping_interval: Duration,
@@ -455,8 +456,8 @@ enum LinkEnd {
     PeerClosed,
     /// Nothing arrived within `ping_timeout`.
     Timeout,
-    /// The gateway's `Hello` carried another version.
-    UnsupportedVersion(u16),
+    /// The `Hello` exchange failed.
+    Hello(HelloError),
     /// The gateway sent a frame it may not send at this point.
     Protocol(String),
     /// Reading failed.
@@ -471,12 +472,7 @@ impl LinkEnd {
         let (code, reason) = match self {
             LinkEnd::Shutdown => (GOAWAY_NORMAL, "service shutting down".to_owned()),
             LinkEnd::EventsClosed => (GOAWAY_NORMAL, "service stopped".to_owned()),
-            LinkEnd::UnsupportedVersion(version) => (
-                GOAWAY_UNSUPPORTED_VERSION,
-                format!(
-                    "unsupported link protocol version {version}; this service speaks {PROTOCOL_VERSION}"
-                ),
-            ),
+            LinkEnd::Hello(error) => return error.goaway(),
             LinkEnd::Protocol(reason) => (GOAWAY_PROTOCOL_ERROR, reason.clone()),
             LinkEnd::Read(CodecError::Io(_)) => return None,
             LinkEnd::Read(error) => (GOAWAY_PROTOCOL_ERROR, error.to_string()),
@@ -497,13 +493,7 @@ impl LinkEnd {
                 info!(goaway.code = code, goaway.reason = %reason, "link down: gateway said goaway");
             }
             LinkEnd::Timeout => warn!("link down: nothing received within ping_timeout"),
-            LinkEnd::UnsupportedVersion(version) => {
-                warn!(
-                    version,
-                    expected = PROTOCOL_VERSION,
-                    "link refused: unsupported protocol version"
-                );
-            }
+            LinkEnd::Hello(error) => warn!(%error, "link refused: hello failed"),
             LinkEnd::Protocol(reason) => warn!(%reason, "link down: protocol error"),
             LinkEnd::Read(error) => warn!(%error, "link down: read failed"),
             LinkEnd::Write(error) => warn!(%error, "link down: write failed"),
@@ -576,57 +566,27 @@ async fn run_link(ctx: LinkCtx, id: LinkId, stream: TcpStream, _permit: OwnedSem
     }
 }
 
-/// Waits for the gateway's `Hello` and answers it. Returns the gateway's
-/// name and frame cap; from here the writer sends no frame above that cap.
+/// Waits for the gateway's `Hello` and answers it (the link crate's
+/// [`hello::answer`], bounded by `ping_timeout`). Returns the gateway's name
+/// and frame cap; from here the writer sends no frame above that cap.
 async fn hello(
     ctx: &LinkCtx,
     reader: &mut LinkReader,
     writer: &mut LinkSink,
 ) -> Result<(String, usize), LinkEnd> {
-    let first = tokio::select! {
+    let exchange = hello::answer(
+        reader,
+        writer,
+        &ctx.config.name,
+        ctx.config.max_frame_bytes,
+        ctx.config.ping_timeout,
+    );
+    tokio::select! {
         biased;
-        () = ctx.shutdown.cancelled() => return Err(LinkEnd::Shutdown),
-        first = timeout(ctx.config.ping_timeout, reader.next()) => first,
-    };
-    let (version, gateway, max_frame_bytes) = match first {
-        Err(_elapsed) => return Err(LinkEnd::Timeout),
-        Ok(None) => return Err(LinkEnd::PeerClosed),
-        Ok(Some(Err(error))) => return Err(LinkEnd::Read(error)),
-        Ok(Some(Ok(Frame::Hello {
-            version,
-            name,
-            max_frame_bytes,
-        }))) => (
-            version,
-            name,
-            usize::try_from(max_frame_bytes).unwrap_or(usize::MAX),
-        ),
-        Ok(Some(Ok(other))) => {
-            return Err(LinkEnd::Protocol(format!(
-                "expected hello, got {}",
-                other.type_name()
-            )))
-        }
-    };
-    if version != PROTOCOL_VERSION {
-        return Err(LinkEnd::UnsupportedVersion(version));
-    }
-    if max_frame_bytes < MIN_FRAME_BYTES {
-        return Err(LinkEnd::Protocol(format!(
-            "gateway accepts frames up to {max_frame_bytes} bytes, below the protocol's minimum {MIN_FRAME_BYTES}"
-        )));
-    }
-    let answer = Frame::Hello {
-        version: PROTOCOL_VERSION,
-        name: ctx.config.name.clone(),
-        max_frame_bytes: u32::try_from(ctx.config.max_frame_bytes).unwrap_or(u32::MAX),
-    };
-    let sent = timeout(ctx.config.ping_timeout, writer.send(answer)).await;
-    *writer.encoder_mut() = FrameCodec::new(max_frame_bytes);
-    match sent {
-        Ok(Ok(())) => Ok((gateway, max_frame_bytes)),
-        Ok(Err(error)) => Err(LinkEnd::Write(error.to_string())),
-        Err(_elapsed) => Err(LinkEnd::Write("hello write timed out".to_owned())),
+        () = ctx.shutdown.cancelled() => Err(LinkEnd::Shutdown),
+        peer = exchange => peer
+            .map(|p| (p.name, p.max_frame_bytes))
+            .map_err(LinkEnd::Hello),
     }
 }
 

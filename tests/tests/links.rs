@@ -512,3 +512,41 @@ async fn a_gateway_that_stops_reading_but_pings_loses_the_link_at_the_service() 
         .unwrap();
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_service_hello_below_the_minimum_frame_cap_gets_goaway_2_from_the_gateway() {
+    use edgegate_link::proto::{
+        Frame, FrameCodec, GOAWAY_PROTOCOL_ERROR, MIN_FRAME_BYTES, PROTOCOL_VERSION,
+    };
+    use tokio_util::codec::Framed;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gw = GatewayBuilder::new(addr)
+        .links(1)
+        .start_with_links_up(0)
+        .await;
+    let (stream, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("the gateway dials")
+        .unwrap();
+    let mut link = Framed::new(stream, FrameCodec::default());
+    assert!(matches!(link.next().await, Some(Ok(Frame::Hello { .. }))));
+    let tiny = Frame::Hello {
+        version: PROTOCOL_VERSION,
+        name: "tiny".into(),
+        max_frame_bytes: (MIN_FRAME_BYTES - 1) as u32,
+    };
+    link.send(tiny).await.unwrap();
+    match tokio::time::timeout(WAIT, link.next())
+        .await
+        .expect("answer")
+    {
+        Some(Ok(Frame::Goaway { code, reason })) => {
+            assert_eq!(code, GOAWAY_PROTOCOL_ERROR);
+            assert!(reason.contains("minimum"), "{reason}");
+        }
+        other => panic!("expected goaway 2, got {other:?}"),
+    }
+    assert_eq!(gw.gateway().links_up("svc"), 0);
+}
