@@ -616,7 +616,7 @@ where
         limits.slow_reader_policy,
     ));
     shared.clients.insert(handle.clone());
-    link.bind(id);
+    link.bind();
     if shared.lifecycle.is_draining() {
         handle.outbox.close(CloseReason::Shutdown);
     }
@@ -647,7 +647,7 @@ where
 
     shared.clients.remove(id);
     shared.topics.remove_client(&handle, &shared.metrics);
-    link.unbind(id);
+    link.unbind();
     if reason.tells_service() {
         let (code, text) = reason.for_service();
         let frame = Frame::ClientClose {

@@ -28,7 +28,6 @@
 //!   within `ping_timeout_secs` (the service stopped reading), even while
 //!   the service still pings.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +41,7 @@ use edgegate_link::proto::{
 };
 use edgegate_link::writer::{LinkWriter, Pongs, WriterConfig};
 use futures_util::{SinkExt, StreamExt};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout, Instant};
@@ -86,22 +85,25 @@ pub struct LinkHandle {
     /// frame above it is refused for that client, never sent, because the
     /// service would drop the whole link on it.
     pub max_frame_bytes: usize,
-    /// Clients bound to this link, closed with 1012 if it drops.
-    clients: Mutex<HashSet<ClientId>>,
+    /// Clients bound to this link now: its load, for [`ServicePool::pick`].
+    /// Which clients they are is kept once, in each `ClientHandle::link_id`.
+    bound: AtomicUsize,
 }
 
 impl LinkHandle {
-    pub fn bind(&self, client: ClientId) {
-        self.clients.lock().insert(client);
+    /// Counts a client bound to this link (its `ClientHandle::link_id`).
+    pub fn bind(&self) {
+        self.bound.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn unbind(&self, client: ClientId) {
-        self.clients.lock().remove(&client);
+    /// Forgets a client counted by [`LinkHandle::bind`].
+    pub fn unbind(&self) {
+        self.bound.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Clients bound to this link now.
     fn load(&self) -> usize {
-        self.clients.lock().len()
+        self.bound.load(Ordering::Relaxed)
     }
 }
 
@@ -359,7 +361,7 @@ async fn run_slot(
                     service: pool.name.clone(),
                     tx,
                     max_frame_bytes,
-                    clients: Mutex::new(HashSet::new()),
+                    bound: AtomicUsize::new(0),
                 });
                 info!(service = %config.name, link.id = link.id, %addr, peer = %service_name, instance, slot, max_frame_bytes, "link up");
                 let max_message = ctx.settings.load().limits.max_message_bytes;
@@ -375,19 +377,12 @@ async fn run_slot(
                 let end = run_link(&link, reader, writer, rx, &config, &ctx, &stop).await;
                 pool.set(instance, slot, None);
                 ctx.metrics.links_up.get_or_create(&label).dec();
-                let bound: Vec<ClientId> = std::mem::take(&mut *link.clients.lock())
-                    .into_iter()
-                    .collect();
                 if stop.is_cancelled() {
                     info!(service = %config.name, link.id = link.id, "link closed");
                     return;
                 }
-                warn!(service = %config.name, link.id = link.id, %addr, reason = %end, clients = bound.len(), "link down; closing its clients with 1012");
-                for id in bound {
-                    if let Some(c) = ctx.clients.get(id) {
-                        c.outbox.close(CloseReason::LinkLost);
-                    }
-                }
+                warn!(service = %config.name, link.id = link.id, %addr, reason = %end, clients = link.load(), "link down; closing its clients with 1012");
+                close_bound(&ctx.clients, link.id).await;
             }
             Err(e) => {
                 failures += 1;
@@ -403,6 +398,18 @@ async fn run_slot(
             () = sleep(backoff.next_delay()) => {}
             () = stop.cancelled() => return,
         }
+    }
+}
+
+/// Closes every client bound to link `id` with 1012. The registry is walked
+/// shard by shard with a yield between shards, as a drain walks it, so a
+/// link drop among millions of clients never holds a worker for long.
+async fn close_bound(clients: &ClientRegistry, id: u64) {
+    for shard in 0..crate::registry::SHARDS {
+        for c in clients.shard_matching(shard, |c| c.link_id == id) {
+            c.outbox.close(CloseReason::LinkLost);
+        }
+        tokio::task::yield_now().await;
     }
 }
 

@@ -150,7 +150,9 @@ impl Outbox {
 pub struct ClientHandle {
     pub id: ClientId,
     /// The link this client is bound to: only that link's service may
-    /// address it (one service cannot reach another's clients by id).
+    /// address it (one service cannot reach another's clients by id), and
+    /// when that link drops the clients with its id are closed with 1012.
+    /// The one record of the binding (the link keeps only a count).
     pub link_id: u64,
     pub outbox: Outbox,
     /// Topics this client is subscribed to, for clean-up when it leaves.

@@ -66,6 +66,21 @@ impl ClientRegistry {
     pub fn shard_snapshot(&self, i: usize) -> Vec<Arc<ClientHandle>> {
         self.shards[i % SHARDS].lock().values().cloned().collect()
     }
+
+    /// The clients of shard `i` for which `pred` holds (e.g. those bound to
+    /// one link), copied out so the caller acts on them without the lock.
+    pub fn shard_matching(
+        &self,
+        i: usize,
+        mut pred: impl FnMut(&ClientHandle) -> bool,
+    ) -> Vec<Arc<ClientHandle>> {
+        self.shards[i % SHARDS]
+            .lock()
+            .values()
+            .filter(|c| pred(c))
+            .cloned()
+            .collect()
+    }
 }
 
 /// Connections per client address, for `limits.max_clients_per_address`.
