@@ -80,6 +80,8 @@ pub struct RawRuntime {
 #[serde(deny_unknown_fields, default)]
 pub struct RawAdmin {
     pub bind: String,
+    /// The Unix socket `edgegate upgrade` asks for a handover on; "" = none.
+    pub control_socket: String,
 }
 
 /// The admin endpoint's default address. Port 7611 is outside the ports
@@ -88,10 +90,16 @@ pub struct RawAdmin {
 /// shares a host with a Prometheus server or its exporters binds.
 pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:7611";
 
+/// Where the running gateway listens for `edgegate upgrade`: in the unit's
+/// `RuntimeDirectory=edgegate`, which systemd creates for the service user
+/// and removes when the unit stops.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/edgegate/control.sock";
+
 impl Default for RawAdmin {
     fn default() -> Self {
         Self {
             bind: DEFAULT_ADMIN_BIND.into(),
+            control_socket: DEFAULT_CONTROL_SOCKET.into(),
         }
     }
 }
@@ -276,6 +284,9 @@ pub struct Config {
     pub path: PathBuf,
     pub runtime: RuntimeConfig,
     pub admin_bind: SocketAddr,
+    /// `[admin] control_socket`: where `edgegate upgrade` connects; `None`
+    /// when set to "" (no upgrade without a restart).
+    pub control_socket: Option<PathBuf>,
     pub listeners: Vec<ListenerConfig>,
     pub services: Vec<ServiceConfig>,
     pub limits: Limits,
@@ -390,6 +401,9 @@ impl Config {
         }
         if self.admin_bind != new.admin_bind {
             keys.push("admin.bind".to_owned());
+        }
+        if self.control_socket != new.control_socket {
+            keys.push("admin.control_socket".to_owned());
         }
         for old in &self.listeners {
             let Some(l) = new.listeners.iter().find(|l| l.name == old.name) else {
@@ -526,6 +540,25 @@ impl Config {
     }
 }
 
+/// `[admin] control_socket` as the file at `path` sets it, read without
+/// checking the rest, so `edgegate upgrade` finds the running gateway even
+/// when the file holds something the new version rejects (the new process
+/// reports that). The default when the file cannot be read; `None` when it
+/// sets "".
+pub fn control_socket_of(path: &Path) -> Option<PathBuf> {
+    let raw = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| toml::from_str::<toml::Table>(&text).ok())
+        .and_then(|t| {
+            t.get("admin")?
+                .get("control_socket")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.to_owned());
+    (!raw.is_empty()).then(|| PathBuf::from(raw))
+}
+
 fn invalid(path: &Path, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         path: path.to_owned(),
@@ -557,6 +590,17 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         .bind
         .parse()
         .map_err(|e| invalid(path, "admin.bind", format!("{:?}: {e}", raw.admin.bind)))?;
+    let control_socket = match raw.admin.control_socket.as_str() {
+        "" => None,
+        p if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
+        p => {
+            return Err(invalid(
+                path,
+                "admin.control_socket",
+                format!("{p:?}: must be an absolute path (or \"\" for none)"),
+            ))
+        }
+    };
 
     let mut services = Vec::new();
     let mut service_index = HashMap::new();
@@ -828,6 +872,7 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         path: path.to_owned(),
         runtime: RuntimeConfig { worker_threads },
         admin_bind,
+        control_socket,
         listeners,
         services,
         limits,

@@ -153,7 +153,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         ip = addr.ip(),
         port = addr.port(),
     );
-    let result = crate::shutdown::serve(gateway, &config, signals).await;
+    let result = crate::shutdown::serve(gateway, &config, signals, None).await;
     stop.cancel();
     let _ = service.await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -6,6 +6,7 @@
 //! (each tells its service) → stop links (Goaway after what is queued).
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,11 +23,15 @@ use crate::admin::{AdminServer, GatewayView};
 use crate::client::ListenerCtx;
 use crate::close::CloseReason;
 use crate::config::Config;
+use crate::handover::AdoptedSockets;
 use crate::link::{spawn_pool, LinkContext, ServicePool};
 use crate::listener::{accept_loop, bind};
 use crate::metrics::Metrics;
 use crate::state::{Settings, Shared};
 use crate::tls::{server_config, ReloadableAcceptor, TlsError};
+
+/// The admin endpoint's name among the sockets an upgrade hands over.
+const ADMIN_SOCKET: &str = "admin";
 
 /// Drain closes are issued in steps of this length.
 const DRAIN_TICK: Duration = Duration::from_millis(10);
@@ -46,6 +51,11 @@ pub enum StartError {
     Auth(#[from] crate::auth::KeyError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminBindError),
+    #[error("listener {name}: inherited socket: {source}")]
+    Adopt {
+        name: String,
+        source: std::io::Error,
+    },
 }
 
 impl StartError {
@@ -93,6 +103,31 @@ pub struct Gateway {
     /// The configuration the gateway started with: what a reload compares
     /// the file with to name the keys that wait for a restart.
     running: Config,
+    /// Copies of the listening sockets (each listener's by name, then the
+    /// admin endpoint's) for an upgrade handover; closed when the drain
+    /// stops accepting, so a stopped gateway's ports refuse at once.
+    sockets: Vec<(String, OwnedFd)>,
+}
+
+/// The socket `adopted` holds for `bind`, when it is bound there (a
+/// configured port 0 takes any); `None` when the address changed, so the
+/// caller binds anew.
+fn adopt(
+    adopted: Option<std::net::TcpListener>,
+    bind: SocketAddr,
+) -> Option<std::io::Result<tokio::net::TcpListener>> {
+    let socket = adopted?;
+    let here = socket.local_addr().ok()?;
+    let same = here == bind || (bind.port() == 0 && here.ip() == bind.ip());
+    if !same {
+        info!(%here, %bind, "inherited socket is bound elsewhere; binding anew");
+        return None;
+    }
+    Some(
+        socket
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(socket)),
+    )
 }
 
 impl Gateway {
@@ -105,6 +140,20 @@ impl Gateway {
     pub async fn start(config: &Config) -> Result<Gateway, StartError> {
         let tls_configs = tls_configs(config)?;
         Self::start_with_tls(config, tls_configs).await
+    }
+
+    /// As [`Gateway::start`], accepting on the sockets a predecessor handed
+    /// over (by listener name, where still bound to the configured
+    /// address) instead of binding them.
+    ///
+    /// # Errors
+    /// As [`Gateway::start`].
+    pub async fn start_adopting(
+        config: &Config,
+        adopted: AdoptedSockets,
+    ) -> Result<Gateway, StartError> {
+        let tls_configs = tls_configs(config)?;
+        Self::start_inner(config, tls_configs, adopted).await
     }
 
     /// Builds everything [`Gateway::start`] builds from the file without
@@ -130,6 +179,14 @@ impl Gateway {
         config: &Config,
         tls_configs: Vec<rustls::ServerConfig>,
     ) -> Result<Gateway, StartError> {
+        Self::start_inner(config, tls_configs, AdoptedSockets::default()).await
+    }
+
+    async fn start_inner(
+        config: &Config,
+        tls_configs: Vec<rustls::ServerConfig>,
+        mut adopted: AdoptedSockets,
+    ) -> Result<Gateway, StartError> {
         let mut registry = Registry::default();
         let service_names: Vec<String> = config.services.iter().map(|s| s.name.clone()).collect();
         let metrics = Metrics::new(&mut registry, &service_names);
@@ -140,15 +197,42 @@ impl Gateway {
 
         // Bind everything before starting anything, so a bind error leaves nothing running.
         let mut bound = Vec::new();
+        let mut sockets = Vec::new();
         for l in &config.listeners {
-            let listener = bind(l.bind, l.backlog).map_err(|source| StartError::Bind {
+            let listener = match adopt(adopted.listeners.remove(&l.name), l.bind) {
+                Some(r) => r.map_err(|source| StartError::Adopt {
+                    name: l.name.clone(),
+                    source,
+                })?,
+                None => bind(l.bind, l.backlog).map_err(|source| StartError::Bind {
+                    name: l.name.clone(),
+                    addr: l.bind,
+                    source,
+                })?,
+            };
+            let copy = listener.as_fd().try_clone_to_owned();
+            let copy = copy.map_err(|source| StartError::Adopt {
                 name: l.name.clone(),
-                addr: l.bind,
                 source,
             })?;
+            sockets.push((l.name.clone(), copy));
             bound.push(listener);
         }
-        let admin_listener = crate::admin::bind(config.admin_bind).await?;
+        // Inherited listeners the file no longer has are closed here.
+        drop(adopted.listeners);
+        let admin_listener = match adopt(adopted.admin.take(), config.admin_bind) {
+            Some(r) => r.map_err(|source| crate::admin::AdminBindError {
+                addr: config.admin_bind,
+                source,
+            })?,
+            None => crate::admin::bind(config.admin_bind).await?,
+        };
+        let copy = admin_listener.as_fd().try_clone_to_owned();
+        let copy = copy.map_err(|source| crate::admin::AdminBindError {
+            addr: config.admin_bind,
+            source,
+        })?;
+        sockets.push((ADMIN_SOCKET.to_owned(), copy));
         // Nothing is accepted or dialled yet: what is open now is the base
         // of the descriptor count on kernels that do not report it.
         crate::process::record_baseline_fds();
@@ -245,7 +329,31 @@ impl Gateway {
             accept_tasks,
             link_tasks,
             running: config.clone(),
+            sockets,
         })
+    }
+
+    /// The listening sockets an upgrade hands over: each listener's by name,
+    /// and the admin endpoint's.
+    pub fn handover_sockets(&self) -> crate::handover::Sockets<'_> {
+        let mut out = crate::handover::Sockets::default();
+        for (name, fd) in &self.sockets {
+            if name == ADMIN_SOCKET {
+                out.admin = Some(fd.as_fd());
+            } else {
+                out.listeners.push((name, fd.as_fd()));
+            }
+        }
+        out
+    }
+
+    /// After a handover: stop the admin endpoint at once (the successor
+    /// answers `/readyz` and `/metrics` on the same socket from now on),
+    /// then drain this process's clients with no load-balancer grace: the
+    /// successor already accepts. Returns the clients closed.
+    pub async fn drain_handed_over(mut self, window: Duration) -> usize {
+        self.admin.stop().await;
+        self.drain(Duration::ZERO, window).await
     }
 
     /// The bound address of the listener called `name`.
@@ -388,8 +496,9 @@ impl Gateway {
     /// Drains and stops in phases: readiness off while still accepting for
     /// `grace` (the load balancer notices), then stop accepting, close every
     /// client with 1001 spread over `window` in random order, wait (bounded)
-    /// for their sessions to end, then close the links.
-    pub async fn drain(mut self, grace: Duration, window: Duration) {
+    /// for their sessions to end, then close the links. Returns the clients
+    /// it closed over the window.
+    pub async fn drain(mut self, grace: Duration, window: Duration) -> usize {
         // Phase 1: readiness off, still accepting, so the load balancer takes
         // the host out before any connection is refused.
         self.shared.lifecycle.leave();
@@ -407,6 +516,9 @@ impl Gateway {
         for t in self.accept_tasks.drain(..) {
             let _ = t.await;
         }
+        // Our last copies of the listeners: from here a port no other
+        // process holds refuses connections instead of queueing them.
+        self.sockets.retain(|(name, _)| name == ADMIN_SOCKET);
 
         // Every client, shard by shard with a yield between shards, each
         // shard shuffled: the close order is random, and no step holds the
@@ -473,7 +585,9 @@ impl Gateway {
             let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
         }
         self.admin.stop().await;
+        self.sockets.clear();
         info!("stopped");
+        total
     }
 }
 

@@ -41,6 +41,8 @@
 //! - [`systemd`]: sd_notify readiness, status and watchdog.
 //! - [`preflight`]: `edgegate tune --check`: host limits and sysctls vs. the config.
 //! - [`gateway`]: assembly, reload and drain.
+//! - [`handover`]: `edgegate upgrade`: the listening sockets handed to a new
+//!   process, which serves before the old one drains.
 //! - [`shutdown`]: signals: SIGHUP reload, SIGTERM drain.
 //! - [`demo`]: `edgegate demo`.
 //!
@@ -70,6 +72,7 @@ pub mod config;
 pub mod demo;
 pub mod framed;
 pub mod gateway;
+pub mod handover;
 pub mod link;
 pub mod listener;
 pub mod logging;

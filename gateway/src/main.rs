@@ -58,6 +58,21 @@ enum Command {
         #[arg(long, default_value = edgegate::config::DEFAULT_ADMIN_BIND)]
         admin: SocketAddr,
     },
+    /// Upgrade in place: the running gateway hands its listening sockets to
+    /// a new process started from the installed binary, which serves before
+    /// the old one drains its clients. Exit 0 once the new one serves; 1 with
+    /// the reason when it failed (the old one keeps serving); 69 when no
+    /// gateway answers on the control socket.
+    Upgrade {
+        /// Also wait until the old process has drained its clients and exited.
+        #[arg(long)]
+        wait: bool,
+        /// The control socket [default: `[admin] control_socket` in --config].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
     /// Compare this host's limits and kernel settings with what the config
     /// needs (--check), or write this host's memory-dependent kernel settings
     /// (--write).
@@ -127,6 +142,29 @@ fn tune_check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `edgegate upgrade [--wait]`: the gateway's answers on stdout.
+fn upgrade(wait: bool, socket: Option<PathBuf>, config: &std::path::Path) -> ExitCode {
+    use edgegate::handover::{request_upgrade, UpgradeOutcome, EX_UNAVAILABLE};
+    let Some(socket) = socket.or_else(|| edgegate::config::control_socket_of(config)) else {
+        eprintln!(
+            "edgegate: {} sets [admin] control_socket = \"\": no upgrade in place; restart instead",
+            config.display()
+        );
+        return ExitCode::from(EX_UNAVAILABLE);
+    };
+    match request_upgrade(&socket, wait, &mut std::io::stdout()) {
+        UpgradeOutcome::Done => ExitCode::SUCCESS,
+        UpgradeOutcome::Failed(reason) => {
+            eprintln!("edgegate: upgrade failed, the running gateway keeps serving: {reason}");
+            ExitCode::FAILURE
+        }
+        UpgradeOutcome::Unavailable(e) => {
+            eprintln!("edgegate: no gateway answers on {}: {e}", socket.display());
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
 /// `edgegate tune --write PATH`: the host's sysctl file, from MemTotal.
 fn tune_write(path: &std::path::Path) -> ExitCode {
     let Some(mem) = edgegate::preflight::mem_total_bytes() else {
@@ -167,6 +205,11 @@ fn main() -> ExitCode {
             write: Some(path), ..
         } => tune_write(&path),
         Command::Tune { config, .. } => tune_check(&config),
+        Command::Upgrade {
+            wait,
+            socket,
+            config,
+        } => upgrade(wait, socket, &config),
         Command::CheckConfig { config } => match Config::load(&config)
             .map_err(|e| e.to_string())
             .and_then(|c| {

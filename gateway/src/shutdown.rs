@@ -1,5 +1,7 @@
 //! The process's life under signals: start, reload on SIGHUP, drain on
-//! SIGTERM (SIGINT drains faster), exit at once on a second SIGTERM/SIGINT.
+//! SIGTERM (SIGINT drains faster), exit at once on a second SIGTERM/SIGINT;
+//! and an upgrade asked for on the control socket: hand the listening
+//! sockets to a successor, then drain (see `handover`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::gateway::{Gateway, StartError};
+use crate::handover::{Adopted, Control, HandoverError};
 use crate::runtime::raise_nofile_limit;
 use crate::systemd;
 
@@ -25,6 +28,8 @@ pub enum RunError {
     Signal(std::io::Error),
     #[error("second signal during drain; exited without finishing it")]
     Interrupted,
+    #[error("upgrade: {0}")]
+    Handover(#[from] HandoverError),
 }
 
 /// Runs the gateway until a signal stops it. Must be called inside the runtime.
@@ -46,8 +51,36 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         );
     }
     let signals = Signals::install()?;
-    let gateway = Gateway::start(&config).await?;
-    serve(gateway, &config, signals).await
+    let Some(mut adopted) = Adopted::take_from_env()? else {
+        let gateway = Gateway::start(&config).await?;
+        let control = config
+            .control_socket
+            .as_deref()
+            .and_then(|p| Control::open(p, None));
+        return serve(gateway, &config, signals, control).await;
+    };
+    // A successor: accept on the predecessor's sockets, get the links up
+    // (bounded), say ready, and serve once made main.
+    let parent = adopted.parent;
+    info!(parent, "taking over the listening sockets");
+    let sockets = std::mem::take(&mut adopted.sockets);
+    let gateway = Gateway::start_adopting(&config, sockets).await?;
+    let inherited_control = adopted.control.take();
+    let control = config
+        .control_socket
+        .as_deref()
+        .and_then(|p| Control::open(p, inherited_control));
+    let links_by = tokio::time::Instant::now() + crate::handover::LINKS_WAIT;
+    while !gateway.is_ready() && tokio::time::Instant::now() < links_by {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Err(e) = adopted.ready_then_main().await {
+        error!(error = %e, parent, "not made main; closing what this process accepted");
+        gateway.shutdown(INTERRUPT_DRAIN_WINDOW).await;
+        return Err(e.into());
+    }
+    info!(parent, "now the main process");
+    serve(gateway, &config, signals, control).await
 }
 
 /// The stop and reload signals, installed before the gateway starts so none
@@ -73,11 +106,17 @@ impl Signals {
 
 /// The one lifecycle of a started gateway, shared by `run` and `demo`:
 /// READY, reload on SIGHUP, drain over `drain_window_secs` on SIGTERM (SIGINT
-/// drains faster), exit at once on a second stop signal.
+/// drains faster), exit at once on a second stop signal; with a `control`
+/// socket, an upgrade hands the sockets to a successor and then drains.
 ///
 /// # Errors
 /// [`RunError::Interrupted`] when a second stop signal cut the drain.
-pub async fn serve(gateway: Gateway, config: &Config, signals: Signals) -> Result<(), RunError> {
+pub async fn serve(
+    gateway: Gateway,
+    config: &Config,
+    signals: Signals,
+    control: Option<Control>,
+) -> Result<(), RunError> {
     let Signals {
         mut term,
         mut int,
@@ -86,37 +125,121 @@ pub async fn serve(gateway: Gateway, config: &Config, signals: Signals) -> Resul
     // READY=1 first (every listener and the admin endpoint are bound), then
     // the watchdog and status refresh from inside the runtime.
     systemd::ready(&gateway.status_text());
-    let status_stop = CancellationToken::new();
-    let shared = gateway.shared().clone();
-    tokio::spawn(systemd::watchdog_and_status(
-        move || shared.status_text(),
-        status_stop.clone(),
-    ));
+    let mut status = StatusTask::start(&gateway);
     info!(version = env!("CARGO_PKG_VERSION"), admin = %gateway.admin_addr(), "ready");
 
     // The drain timings of the latest accepted file: a reload applies them.
     let (mut grace, mut window) = (config.lb_grace, config.drain_window);
-    let (grace, window) = loop {
+    let ending = loop {
         tokio::select! {
             _ = hup.recv() => {
                 if let Some(new) = reload(&gateway, &config.path) {
                     (grace, window) = (new.lb_grace, new.drain_window);
                 }
             }
-            _ = term.recv() => break (grace, window),
+            _ = term.recv() => break Ending::Drain(grace, window),
             // An operator at a terminal wants the prompt back: no grace.
-            _ = int.recv() => break (Duration::ZERO, window.min(INTERRUPT_DRAIN_WINDOW)),
+            _ = int.recv() => break Ending::Drain(Duration::ZERO, window.min(INTERRUPT_DRAIN_WINDOW)),
+            mut requester = next_upgrade(control.as_ref()) => {
+                let Some(control) = &control else { continue };
+                let child = match control
+                    .start_successor(&config.path, gateway.handover_sockets())
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        requester.failed(&e).await;
+                        continue;
+                    }
+                };
+                // From MAINPID= on systemd takes only the successor's
+                // notifications: ours stop first.
+                status.stop().await;
+                match child.make_main().await {
+                    Ok(done) => {
+                        requester.handed_over(&done).await;
+                        info!(pid = done.pid, version = %done.version, handover_ms = done.took.as_millis() as u64, "handed over; draining this process's clients");
+                        break Ending::HandedOver(requester, window);
+                    }
+                    Err(e) => {
+                        status = StatusTask::start(&gateway);
+                        requester.failed(&e).await;
+                    }
+                }
+            }
         }
     };
-    systemd::stopping();
-    let drain = gateway.drain(grace, window);
-    let result = tokio::select! {
-        () = drain => Ok(()),
-        _ = term.recv() => Err(RunError::Interrupted),
-        _ = int.recv() => Err(RunError::Interrupted),
-    };
-    status_stop.cancel();
-    result
+    match ending {
+        Ending::Drain(grace, window) => {
+            systemd::stopping();
+            let drain = gateway.drain(grace, window);
+            let result = tokio::select! {
+                _ = drain => Ok(()),
+                _ = term.recv() => Err(RunError::Interrupted),
+                _ = int.recv() => Err(RunError::Interrupted),
+            };
+            status.stop().await;
+            result
+        }
+        Ending::HandedOver(mut requester, window) => {
+            // Our copy of the control socket: the successor answers on it now.
+            drop(control);
+            let started = tokio::time::Instant::now();
+            let drain = gateway.drain_handed_over(window);
+            let clients = tokio::select! {
+                n = drain => n,
+                _ = term.recv() => return Err(RunError::Interrupted),
+                _ = int.recv() => return Err(RunError::Interrupted),
+            };
+            requester
+                .say(&format!(
+                    "drained clients={clients} ms={}",
+                    started.elapsed().as_millis()
+                ))
+                .await;
+            Ok(())
+        }
+    }
+}
+
+/// How the serving loop ended.
+enum Ending {
+    /// A stop signal: drain with this grace and window.
+    Drain(Duration, Duration),
+    /// A successor is main: answer the requester after draining over the window.
+    HandedOver(crate::handover::Requester, Duration),
+}
+
+/// The next upgrade request, or never without a control socket.
+async fn next_upgrade(control: Option<&Control>) -> crate::handover::Requester {
+    match control {
+        Some(c) => c.next_upgrade().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The watchdog and status refresh (see `systemd::watchdog_and_status`).
+struct StatusTask {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StatusTask {
+    fn start(gateway: &Gateway) -> Self {
+        let stop = CancellationToken::new();
+        let shared = gateway.shared().clone();
+        let task = tokio::spawn(systemd::watchdog_and_status(
+            move || shared.status_text(),
+            stop.clone(),
+        ));
+        Self { stop, task }
+    }
+
+    /// Stops it and waits until it sent its last notification.
+    async fn stop(&mut self) {
+        self.stop.cancel();
+        let _ = (&mut self.task).await;
+    }
 }
 
 /// SIGHUP: re-read the file; a bad file is logged and the old config stays.

@@ -19,6 +19,17 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// `MAINPID=<pid>`: the unit's main process is `pid` from now on (an
+/// upgrade's successor, see `handover`); systemd then accepts only its
+/// notifications. Unlike the others, a failed send is returned: the caller
+/// must stay main then.
+///
+/// # Errors
+/// When the notification socket is set but the send fails.
+pub fn main_pid(pid: u32) -> std::io::Result<()> {
+    sd_notify::notify(&[NotifyState::MainPid(pid)])
+}
+
 /// `RELOADING=1` with `MONOTONIC_USEC`, as `Type=notify-reload` expects.
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {

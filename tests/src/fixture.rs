@@ -15,6 +15,8 @@ use std::path::PathBuf;
 pub struct MinimalGateway {
     /// `[admin] bind`.
     pub admin: String,
+    /// Extra `[admin]` keys, as TOML lines (`control_socket = "..."`).
+    pub admin_keys: Vec<String>,
     /// The listener's `name`, used by its routes.
     pub listener: String,
     /// The listener's `bind`.
@@ -47,6 +49,7 @@ impl MinimalGateway {
     ) -> Self {
         Self {
             admin: "127.0.0.1:0".into(),
+            admin_keys: Vec::new(),
             listener: "public".into(),
             bind: "127.0.0.1:0".into(),
             cert_path: cert_path.into(),
@@ -70,8 +73,9 @@ impl MinimalGateway {
         }
         let _ = write!(
             t,
-            "[admin]\nbind = \"{}\"\n\n[[listener]]\nname = \"{}\"\nbind = \"{}\"\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\n",
+            "[admin]\nbind = \"{}\"\n{}\n[[listener]]\nname = \"{}\"\nbind = \"{}\"\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\n",
             self.admin,
+            self.admin_keys.iter().map(|k| format!("{k}\n")).collect::<String>(),
             self.listener,
             self.bind,
             self.cert_path.display(),
