@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every EdgeGate test: the Rust workspace (unit, integration, CLI, link
-# protocol, load-generator smoke), then the appliance (.deb in a fresh Debian
-# root), monitoring, TLS scan, Ansible and lab (a Debian 12 VM) suites.
+# protocol, load-generator smoke), again with every test listener on the lean
+# TLS stream (`tls_stream = "lean"`, through EDGEGATE_TEST_TLS_STREAM), then
+# the appliance (.deb in a fresh Debian root), monitoring, TLS scan (on both
+# TLS streams), Ansible and lab (a Debian 12 VM) suites.
 # Must run as root on Debian 12; each suite installs what it needs itself.
 #
 #   tests/run-all.sh            everything
@@ -48,11 +50,13 @@ suite() {
 # The guards (fmt, clippy, import graph) run in every mode, before the tests.
 suite lint bash tests/tools/lint.sh
 suite rust cargo test --workspace --locked
+suite rust-lean env EDGEGATE_TEST_TLS_STREAM=lean cargo test --workspace --locked
 suite bench-smoke bash tests/bench/smoke.sh
 if [ "$ONLY" = all ]; then
     suite appliance bash tests/appliance/run.sh
     suite monitoring bash tests/monitoring/run.sh
     suite tlsscan bash tests/hostile/tlsscan.sh
+    suite tlsscan-lean env EDGEGATE_TEST_TLS_STREAM=lean bash tests/hostile/tlsscan.sh
     suite ansible bash tests/ansible/run.sh
     suite lab bash tests/lab/run.sh
 fi

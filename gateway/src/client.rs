@@ -38,13 +38,14 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::debug;
 
 use crate::close::CloseReason;
-use crate::config::Protocol;
+use crate::config::{Protocol, TlsStreamKind};
 use crate::framed::FramedClient;
 use crate::link::{LinkHandle, ServicePool};
 use crate::metrics::Phase;
 use crate::outbox::ClientHandle;
 use crate::state::{Settings, Shared};
-use crate::tls::ReloadableAcceptor;
+use crate::tls::{ReloadableAcceptor, ServerTls};
+use crate::wire::lean_tls::LeanTlsStream;
 
 /// Bound on the close handshake once a close frame is sent.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -69,6 +70,8 @@ pub struct ListenerCtx {
     /// The link pools, indexed by the config's service order.
     pub services: Vec<Arc<ServicePool>>,
     pub tls: ReloadableAcceptor,
+    /// Which TLS stream the clients get (`tls_stream`).
+    pub tls_stream: TlsStreamKind,
     /// The handshake permits shared by every listener (see `listener::accept_loop`).
     pub permits: Arc<Semaphore>,
     pub shared: Arc<Shared>,
@@ -83,13 +86,13 @@ struct Admission {
 }
 
 /// The client's TLS stream, boxed so it lives in one place.
-type ClientTls = Box<tokio_rustls::server::TlsStream<TcpStream>>;
+type ClientTls = Box<ServerTls>;
 /// The client's WebSocket, boxed: the rustls connection and WebSocket state
 /// (~1.5 KB) live in one heap block instead of being laid out again in every
 /// future that passes them along.
-type ClientWs = Box<tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>>;
+type ClientWs = Box<tokio_tungstenite::WebSocketStream<ServerTls>>;
 /// A framed-protocol client, boxed for the same reason.
-type ClientFramed = Box<FramedClient<tokio_rustls::server::TlsStream<TcpStream>>>;
+type ClientFramed = Box<FramedClient<ServerTls>>;
 
 /// Runs one client from accepted socket to close. Spawned by the accept loop
 /// with a handshake permit, which is released when TLS completes (see
@@ -185,13 +188,84 @@ async fn tls_phase(
     ctx: &ListenerCtx,
     deadline: Instant,
 ) -> Option<ClientTls> {
+    let tls = match ctx.tls_stream {
+        TlsStreamKind::Rustls => rustls_handshake(stream, permit, ctx, deadline).await?,
+        TlsStreamKind::Lean => lean_handshake(stream, permit, ctx, deadline).await?,
+    };
+    Some(Box::new(tls))
+}
+
+/// [`tls_phase`] on tokio-rustls: its lazy acceptor reads the ClientHello.
+async fn rustls_handshake(
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    ctx: &ListenerCtx,
+    deadline: Instant,
+) -> Option<ServerTls> {
     let mut hello =
         tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-    let (start, permit) = match timeout(CLIENT_HELLO_WAIT, &mut hello).await {
-        Ok(Ok(start)) => (start, permit),
+    let (start, permit) = client_hello(&mut hello, permit, ctx, deadline).await?;
+    let tls = match tokio::time::timeout_at(deadline, start.into_stream(ctx.tls.config())).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(error = %e, "tls handshake failed");
+            return None;
+        }
+        Err(_) => {
+            debug!("tls handshake timed out");
+            return None;
+        }
+    };
+    drop(permit);
+    Some(ServerTls::Rustls(tls))
+}
+
+/// [`tls_phase`] on the lean stream: it holds the first record unprocessed
+/// until the permit is there.
+async fn lean_handshake(
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    ctx: &ListenerCtx,
+    deadline: Instant,
+) -> Option<ServerTls> {
+    let mut tls = match LeanTlsStream::new(stream, ctx.tls.config()) {
+        Ok(tls) => tls,
+        Err(e) => {
+            debug!(error = %e, "tls config refused");
+            return None;
+        }
+    };
+    let ((), permit) = client_hello(tls.client_hello(), permit, ctx, deadline).await?;
+    match tokio::time::timeout_at(deadline, tls.handshake()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            debug!(error = %e, "tls handshake failed");
+            return None;
+        }
+        Err(_) => {
+            debug!("tls handshake timed out");
+            return None;
+        }
+    }
+    drop(permit);
+    Some(ServerTls::Lean(tls))
+}
+
+/// Waits for `hello` (a whole ClientHello) holding `permit` for at most
+/// [`CLIENT_HELLO_WAIT`]; past that, gives the permit back, waits on until
+/// `deadline`, and queues for a permit again (see [`tls_phase`]).
+async fn client_hello<T, E: std::fmt::Display>(
+    hello: impl Future<Output = Result<T, E>>,
+    permit: OwnedSemaphorePermit,
+    ctx: &ListenerCtx,
+    deadline: Instant,
+) -> Option<(T, OwnedSemaphorePermit)> {
+    let mut hello = std::pin::pin!(hello);
+    match timeout(CLIENT_HELLO_WAIT, &mut hello).await {
+        Ok(Ok(start)) => Some((start, permit)),
         Ok(Err(e)) => {
             debug!(error = %e, "client hello refused");
-            return None;
+            None
         }
         Err(_) => {
             drop(permit);
@@ -210,22 +284,9 @@ async fn tls_phase(
                 .await
                 .ok()?
                 .ok()?;
-            (start, permit)
+            Some((start, permit))
         }
-    };
-    let tls = match tokio::time::timeout_at(deadline, start.into_stream(ctx.tls.config())).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            debug!(error = %e, "tls handshake failed");
-            return None;
-        }
-        Err(_) => {
-            debug!("tls handshake timed out");
-            return None;
-        }
-    };
-    drop(permit);
-    Some(Box::new(tls))
+    }
 }
 
 /// Longest request head read before the upgrade is refused with 431.

@@ -115,10 +115,16 @@ pub struct RawListener {
     pub backlog: u32,
     pub tls_cert_path: PathBuf,
     pub tls_key_path: PathBuf,
+    #[serde(default = "default_tls_stream")]
+    pub tls_stream: String,
 }
 
 fn default_protocol() -> String {
     "websocket".into()
+}
+
+fn default_tls_stream() -> String {
+    TlsStreamKind::Rustls.as_str().into()
 }
 
 fn default_backlog() -> u32 {
@@ -304,6 +310,27 @@ pub struct RuntimeConfig {
     pub worker_threads: usize,
 }
 
+/// Which TLS stream a listener's clients use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsStreamKind {
+    /// tokio-rustls over rustls's buffered connection: keeps a 4 KiB read
+    /// buffer per client, idle or not.
+    Rustls,
+    /// Our own stream over rustls's caller-buffered connection
+    /// (`wire::lean_tls`): holds no buffer while a client is idle.
+    Lean,
+}
+
+impl TlsStreamKind {
+    /// The value in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsStreamKind::Rustls => "rustls",
+            TlsStreamKind::Lean => "lean",
+        }
+    }
+}
+
 /// What a listener speaks after TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -329,6 +356,7 @@ pub struct ListenerConfig {
     pub backlog: u32,
     pub tls_cert_path: PathBuf,
     pub tls_key_path: PathBuf,
+    pub tls_stream: TlsStreamKind,
     /// Path → index into [`Config::services`].
     pub routes: HashMap<String, usize>,
 }
@@ -389,7 +417,7 @@ pub struct Heartbeat {
 impl Config {
     /// The keys that differ between this (running) configuration and `new`
     /// but that a reload cannot apply: the listeners (set, address,
-    /// protocol, backlog), the routes, the services and everything about
+    /// protocol, backlog, TLS stream), the routes, the services and everything about
     /// their links, `[runtime]` and `[admin]`. Certificates, `[limits]`,
     /// `[heartbeat]`, `[auth]` and `[drain]` are live and never listed.
     /// Named as in the file: `listener.public.bind`, `service.example`,
@@ -419,6 +447,9 @@ impl Config {
             }
             if l.backlog != old.backlog {
                 keys.push(format!("listener.{name}.backlog"));
+            }
+            if l.tls_stream != old.tls_stream {
+                keys.push(format!("listener.{name}.tls_stream"));
             }
             let routes = |c: &Config, l: &ListenerConfig| {
                 let mut r: Vec<(String, String)> = l
@@ -708,6 +739,17 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         if l.backlog == 0 {
             return Err(invalid(path, key("backlog"), "must be at least 1"));
         }
+        let tls_stream = match l.tls_stream.as_str() {
+            "rustls" => TlsStreamKind::Rustls,
+            "lean" => TlsStreamKind::Lean,
+            other => {
+                return Err(invalid(
+                    path,
+                    key("tls_stream"),
+                    format!("{other:?}: expected \"rustls\" or \"lean\""),
+                ))
+            }
+        };
         readable(path, &key("tls_cert_path"), &l.tls_cert_path)?;
         readable(path, &key("tls_key_path"), &l.tls_key_path)?;
         listeners.push(ListenerConfig {
@@ -717,6 +759,7 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             backlog: l.backlog,
             tls_cert_path: l.tls_cert_path.clone(),
             tls_key_path: l.tls_key_path.clone(),
+            tls_stream,
             routes: HashMap::new(),
         });
     }
@@ -962,7 +1005,8 @@ addresses = ["127.0.0.1:7000"]
         let moved = base
             .replace("bind = \"127.0.0.1:0\"", "bind = \"127.0.0.1:9\"")
             .replace("127.0.0.1:7000", "127.0.0.1:7001")
-            .replace("path = \"/echo\"", "path = \"/chat\"");
+            .replace("path = \"/echo\"", "path = \"/chat\"")
+            .replace("tls_key_path", "tls_stream = \"lean\"\ntls_key_path");
         let added = format!(
             "{moved}\n[[listener]]\nname = \"second\"\nbind = \"127.0.0.1:0\"\ntls_cert_path = \"{0}\"\ntls_key_path = \"{0}\"\n[runtime]\nworker_threads = 7\n",
             dir.join("cert.pem").display()
@@ -972,6 +1016,7 @@ addresses = ["127.0.0.1:7000"]
             [
                 "runtime.worker_threads",
                 "listener.public.bind",
+                "listener.public.tls_stream",
                 "route.public./chat",
                 "route.public./echo (removed)",
                 "listener.second (added)",
@@ -1035,6 +1080,27 @@ addresses = ["127.0.0.1:7000"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_clientz"), "{err}");
+    }
+
+    #[test]
+    fn tls_stream_defaults_to_rustls_and_takes_lean() {
+        let dir = tempdir("tls-stream");
+        let c = Config::from_toml(Path::new("t.toml"), &sample(&dir), []).unwrap();
+        assert_eq!(c.listeners[0].tls_stream, TlsStreamKind::Rustls);
+        let text = sample(&dir).replace("tls_key_path", "tls_stream = \"lean\"\ntls_key_path");
+        let c = Config::from_toml(Path::new("t.toml"), &text, []).unwrap();
+        assert_eq!(c.listeners[0].tls_stream, TlsStreamKind::Lean);
+    }
+
+    #[test]
+    fn unknown_tls_stream_names_the_key_and_the_choices() {
+        let dir = tempdir("tls-stream-bad");
+        let text = sample(&dir).replace("tls_key_path", "tls_stream = \"openssl\"\ntls_key_path");
+        let err = Config::from_toml(Path::new("t.toml"), &text, [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener[0].tls_stream"), "{err}");
+        assert!(err.contains("\"rustls\" or \"lean\""), "{err}");
     }
 
     #[test]

@@ -274,10 +274,11 @@ impl Gateway {
                 routes: l.routes.clone(),
                 services: pools.clone(),
                 tls: ReloadableAcceptor::new(tls),
+                tls_stream: l.tls_stream,
                 permits: permits.clone(),
                 shared: shared.clone(),
             });
-            info!(listener = %l.name, %addr, protocol = l.protocol.as_str(), backlog = l.backlog, "listening");
+            info!(listener = %l.name, %addr, protocol = l.protocol.as_str(), backlog = l.backlog, tls_stream = l.tls_stream.as_str(), "listening");
             accept_tasks.push(tokio::spawn(accept_loop(
                 listener,
                 ctx.clone(),

@@ -22,7 +22,8 @@
 //!   and what the service is told.
 //! - [`config`]: TOML file → raw struct → checked [`config::Config`].
 //! - [`auth`]: JWT and Origin checks done during the upgrade.
-//! - [`tls`]: certificates and the reloadable acceptor.
+//! - [`tls`]: certificates, the reloadable acceptor, a client's stream of
+//!   either kind (tokio-rustls or lean, by the listener's `tls_stream`).
 //! - [`metrics`]: every metric name.
 //! - [`outbox`]: a client's bounded outbound queue and handle.
 //! - [`registry`]: connected clients by id (sharded).

@@ -6,6 +6,7 @@
 # example service; also asks `openssl s_client` for TLS 1.0/1.1 directly.
 #
 #   tests/hostile/tlsscan.sh        (root for apt-get; the rest needs no root)
+#   EDGEGATE_TEST_TLS_STREAM=lean tests/hostile/tlsscan.sh   the same on the lean TLS stream
 #
 # Last line: "N passed, M failed"; exits non-zero if anything failed.
 set -uo pipefail
@@ -43,6 +44,10 @@ cargo build --quiet -p edgegate --bin edgegate && cargo build --quiet -p edgegat
 check "edgegate and example_service build" $?
 BIN=$(cargo metadata --format-version 1 --no-deps 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug
 
+# Which TLS stream the scanned listener uses (docs/config.md, `tls_stream`).
+TLS_STREAM=${EDGEGATE_TEST_TLS_STREAM:-rustls}
+echo "tls_stream = $TLS_STREAM"
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 SERVICE_PORT=$(free_port)
@@ -67,6 +72,7 @@ name = "public"
 bind = "127.0.0.1:$port"
 tls_cert_path = "$dir/cert.pem"
 tls_key_path = "$dir/key.pem"
+tls_stream = "$TLS_STREAM"
 [[route]]
 listener = "public"
 path = "/echo"
@@ -84,6 +90,8 @@ TOML
         sleep 0.1
     done
     check "$kind: edgegate run is ready" $up
+    grep -Eq "listening.*tls_stream=\"?$TLS_STREAM" "$dir/edgegate.log"
+    check "$kind: the listener runs on tls_stream $TLS_STREAM" $?
 
     sslscan --no-colour --show-sigs "127.0.0.1:$port" >"$dir/sslscan.txt" 2>&1
     check "$kind: sslscan completed" $?

@@ -7,10 +7,17 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+/// The variable that picks every test listener's TLS stream.
+pub const TLS_STREAM_ENV: &str = "EDGEGATE_TEST_TLS_STREAM";
+
 /// A minimal gateway config; [`MinimalGateway::toml`] writes it.
 ///
 /// The defaults: admin and listener on `127.0.0.1:0`, listener `public` with
 /// route `/echo` to service `example` at one address, 2 links.
+///
+/// With `EDGEGATE_TEST_TLS_STREAM` set (`lean`, `rustls`), the listener gets
+/// that `tls_stream` unless the test sets its own: the whole suite runs on
+/// either TLS stream (the `rust-lean` suite of `tests/run-all.sh`).
 #[derive(Debug, Clone)]
 pub struct MinimalGateway {
     /// `[admin] bind`.
@@ -83,6 +90,13 @@ impl MinimalGateway {
         );
         for line in &self.listener_keys {
             let _ = writeln!(t, "{line}");
+        }
+        let own_stream = self
+            .listener_keys
+            .iter()
+            .any(|line| line.split('=').next().unwrap_or("").trim() == "tls_stream");
+        if let (false, Ok(kind)) = (own_stream, std::env::var(TLS_STREAM_ENV)) {
+            let _ = writeln!(t, "tls_stream = \"{kind}\"");
         }
         for path in &self.routes {
             let _ = write!(

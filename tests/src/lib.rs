@@ -211,6 +211,9 @@ pub struct GatewayBuilder {
     drain_window_secs: u64,
     protocol: &'static str,
     backlog: u32,
+    /// The listener's `tls_stream`; unset: the fixture's default (see
+    /// [`fixture::TLS_STREAM_ENV`]).
+    tls_stream: Option<&'static str>,
     service_keys: Vec<(String, String)>,
 }
 
@@ -226,6 +229,7 @@ impl GatewayBuilder {
             drain_window_secs: 1,
             protocol: "websocket",
             backlog: 1024,
+            tls_stream: None,
             service_keys: Vec::new(),
         }
     }
@@ -239,6 +243,13 @@ impl GatewayBuilder {
     /// The listener's accept backlog.
     pub fn backlog(mut self, backlog: u32) -> Self {
         self.backlog = backlog;
+        self
+    }
+
+    /// The listener's TLS stream (`"rustls"` or `"lean"`), whatever
+    /// [`fixture::TLS_STREAM_ENV`] says.
+    pub fn tls_stream(mut self, kind: &'static str) -> Self {
+        self.tls_stream = Some(kind);
         self
     }
 
@@ -302,6 +313,9 @@ impl GatewayBuilder {
             format!("protocol = \"{}\"", self.protocol),
             format!("backlog = {}", self.backlog),
         ];
+        if let Some(kind) = self.tls_stream {
+            g.listener_keys.push(format!("tls_stream = \"{kind}\""));
+        }
         g.service_keys = [
             "ping_interval_secs = 1",
             "ping_timeout_secs = 3",

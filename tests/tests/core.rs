@@ -42,6 +42,29 @@ async fn echo_round_trip_goes_through_the_service() {
 }
 
 #[tokio::test]
+async fn both_tls_streams_carry_websocket_clients() {
+    let service = ExampleService::start().await;
+    for kind in ["rustls", "lean"] {
+        let gw = GatewayBuilder::new(service.addr)
+            .tls_stream(kind)
+            .start()
+            .await;
+        let mut ws = gw.connect("/echo").await;
+        // Larger than a TLS record both ways.
+        let big = vec![7u8; 40_000];
+        ws.send(Message::binary(big.clone())).await.unwrap();
+        assert_eq!(recv(&mut ws).await, Message::binary(big), "{kind}");
+        ws.send(Message::text("small")).await.unwrap();
+        assert_eq!(recv(&mut ws).await, Message::text("small"), "{kind}");
+        ws.close(None).await.unwrap();
+        assert!(
+            matches!(recv(&mut ws).await, Message::Close(_)),
+            "{kind}: close answered"
+        );
+    }
+}
+
+#[tokio::test]
 async fn chat_publish_reaches_all_room_members_and_nobody_else() {
     let service = ExampleService::start().await;
     let gw = GatewayBuilder::new(service.addr).start().await;

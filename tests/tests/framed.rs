@@ -27,6 +27,24 @@ async fn framed_client_echo_round_trip() {
 }
 
 #[tokio::test]
+async fn framed_clients_run_on_the_lean_tls_stream() {
+    let service = ExampleService::start().await;
+    let gw = GatewayBuilder::new(service.addr)
+        .framed()
+        .tls_stream("lean")
+        .start()
+        .await;
+    let mut c = FramedTestClient::connect(gw.addr, &gw.cert, "/echo", "")
+        .await
+        .unwrap();
+    assert_eq!(c.recv(WAIT).await.unwrap().kind, WELCOME);
+    let big = vec![3u8; 40_000];
+    c.send(BINARY, &big).await.unwrap();
+    let f = c.recv_data(WAIT).await.unwrap();
+    assert_eq!((f.kind, f.body), (BINARY, big));
+}
+
+#[tokio::test]
 async fn framed_and_websocket_clients_share_a_chat_topic() {
     let service = ExampleService::start().await;
     let gw = GatewayBuilder::new(service.addr).framed().start().await;

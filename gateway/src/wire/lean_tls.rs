@@ -116,6 +116,9 @@ struct Held {
     close_sent: bool,
     /// rustls reported an error: its state is not driven again.
     failed: bool,
+    /// `partial` holds bytes rustls has not seen yet (read by
+    /// [`LeanTlsStream::client_hello`]): process them before reading more.
+    unseen: bool,
 }
 
 /// What [`process`] should do once rustls can take application data.
@@ -202,6 +205,68 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> LeanTlsStream<IO> {
         Ok(stream)
     }
 
+    /// Waits until the first whole TLS record (the ClientHello, or its
+    /// first part) has arrived, without handing it to rustls: the caller
+    /// decides when to spend the handshake's CPU work. Then call
+    /// [`LeanTlsStream::handshake`].
+    ///
+    /// # Errors
+    /// The socket's error, `UnexpectedEof`, or `InvalidData` when the first
+    /// bytes are not a TLS handshake record.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: what arrived is kept for the next call or the handshake.
+    pub async fn client_hello(&mut self) -> io::Result<()> {
+        poll_fn(|cx| self.poll_client_hello(cx)).await
+    }
+
+    fn poll_client_hello(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        /// TLS record header: content type, version, length.
+        const HEADER: usize = 5;
+        /// The content type of handshake records.
+        const HANDSHAKE: u8 = 0x16;
+        /// Longest plaintext record (RFC 8446 5.1): a longer one is refused
+        /// at once rather than waited for.
+        const MAX_FRAGMENT: usize = 1 << 14;
+        loop {
+            let kept = &self.held.partial;
+            if let Some(&kind) = kept.first() {
+                if kind != HANDSHAKE {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "not a tls handshake record",
+                    )));
+                }
+            }
+            if kept.len() >= HEADER {
+                let len = usize::from(u16::from_be_bytes([kept[3], kept[4]]));
+                if len > MAX_FRAGMENT {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "tls record longer than 16 KiB",
+                    )));
+                }
+                if kept.len() >= HEADER + len {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let Self { io, held, .. } = &mut *self;
+            ready!(with_scratch(READ_BYTES, |scratch| {
+                let mut fresh = ReadBuf::new(scratch);
+                ready!(Pin::new(io).poll_read(cx, &mut fresh))?;
+                if fresh.filled().is_empty() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "eof before a whole client hello",
+                    )));
+                }
+                held.partial.extend_from_slice(fresh.filled());
+                held.unseen = true;
+                Poll::Ready(Ok(()))
+            }))?;
+        }
+    }
+
     /// Runs the handshake to its end (returns at once when it is done).
     ///
     /// # Errors
@@ -266,7 +331,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> LeanTlsStream<IO> {
     }
 
     /// Reads once from the socket into the scratch buffer (after the kept
-    /// partial record) and runs rustls over it. Decrypted data goes to
+    /// partial record; no read when it holds bytes rustls has not seen) and
+    /// runs rustls over it. Decrypted data goes to
     /// `reader` as far as it fits, the rest to `plaintext`; what is left of
     /// an incomplete record goes back to `partial`. Ready after one read
     /// that returned data or EOF.
@@ -280,25 +346,29 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> LeanTlsStream<IO> {
         let kept = partial.len();
         with_scratch(kept + READ_BYTES, |scratch| {
             scratch[..kept].copy_from_slice(&partial);
-            let mut fresh = ReadBuf::new(&mut scratch[kept..]);
-            let read = Pin::new(io).poll_read(cx, &mut fresh);
-            let n = fresh.filled().len();
-            match read {
-                Poll::Ready(Ok(())) if n > 0 => {}
-                Poll::Ready(Ok(())) => {
-                    held.eof = true;
-                    held.partial = partial;
-                    return Poll::Ready(Ok(()));
+            let n = if mem::take(&mut held.unseen) {
+                0
+            } else {
+                let mut fresh = ReadBuf::new(&mut scratch[kept..]);
+                let read = Pin::new(io).poll_read(cx, &mut fresh);
+                let n = fresh.filled().len();
+                match read {
+                    Poll::Ready(Ok(())) if n > 0 => n,
+                    Poll::Ready(Ok(())) => {
+                        held.eof = true;
+                        held.partial = partial;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        held.partial = partial;
+                        return Poll::Ready(Err(e));
+                    }
+                    Poll::Pending => {
+                        held.partial = partial;
+                        return Poll::Pending;
+                    }
                 }
-                Poll::Ready(Err(e)) => {
-                    held.partial = partial;
-                    return Poll::Ready(Err(e));
-                }
-                Poll::Pending => {
-                    held.partial = partial;
-                    return Poll::Pending;
-                }
-            }
+            };
             let filled = kept + n;
             let (done, result) = process(conn, held, &mut scratch[..filled], Intent::Read, reader);
             // After close_notify rustls reads nothing more: drop what follows.

@@ -26,7 +26,7 @@ def build(profile):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", default=",".join(SYSTEM_NAMES), help="comma list of edgegate,haproxy,nginx")
+    ap.add_argument("--systems", default=",".join(SYSTEM_NAMES), help="comma list of edgegate,edgegate-lean,haproxy,nginx")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--steps", default="1000,5000,10000,15000", help="idle client counts (cumulative)")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds after each step before reading memory")

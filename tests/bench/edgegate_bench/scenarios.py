@@ -9,7 +9,7 @@ from .host import PAGE_KIB, ROOT, cpu_secs, loadavg, log, meminfo_kib, rss_kib, 
 from .load import Load, SourcePool, merge_reports
 from .prom import PollDelay, metric_sum, scrape
 from .report import fit_slope
-from .systems import EdgeGate, HAProxy, Nginx, Remote
+from .systems import EdgeGate, EdgeGateLean, HAProxy, Nginx, Remote
 
 
 SCENARIOS = ("idle-memory", "handshake", "echo", "fanout", "storm", "poll-delay")
@@ -32,7 +32,7 @@ class Bench:
     def system(self, name, work, cert):
         if self.args.target:
             return Remote(self.args.target, self.args.admin)
-        cls = {"edgegate": EdgeGate, "haproxy": HAProxy, "nginx": Nginx}[name]
+        cls = {"edgegate": EdgeGate, "edgegate-lean": EdgeGateLean, "haproxy": HAProxy, "nginx": Nginx}[name]
         return cls(work, self.bins, cert, self.args.workers)
 
     def idle_memory_and_handshakes(self, sys_, path):
@@ -253,7 +253,7 @@ class Bench:
                 if "handshake" in want and handshake:
                     entry["handshake"] = handshake
                 if "echo" in want:
-                    poll = PollDelay(sys_.admin) if name == "edgegate" and sys_.admin else None
+                    poll = PollDelay(sys_.admin) if name.startswith("edgegate") and sys_.admin else None
                     entry["echo"] = self.echo(sys_, sys_.echo_path, poll)
                 self.load.stop()
             if name == "edgegate":

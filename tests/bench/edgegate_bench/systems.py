@@ -1,5 +1,5 @@
-"""The systems under test: EdgeGate, HAProxy and nginx started as the
-benchmark's own processes, or a remote gateway."""
+"""The systems under test: EdgeGate (on each of its TLS streams), HAProxy and
+nginx started as the benchmark's own processes, or a remote gateway."""
 
 import os
 import shutil
@@ -11,7 +11,7 @@ from .host import children, first_line, free_port, log, stop_proc, wait_port
 from .prom import metric_sum, scrape
 
 
-SYSTEM_NAMES = ("edgegate", "haproxy", "nginx")
+SYSTEM_NAMES = ("edgegate", "edgegate-lean", "haproxy", "nginx")
 
 
 def make_cert(work):
@@ -54,6 +54,8 @@ class System:
 
 class EdgeGate(System):
     name = "edgegate"
+    # The listener's `tls_stream` (docs/config.md).
+    tls_stream = "rustls"
 
     def start(self):
         svc_port, admin_port = free_port(), free_port()
@@ -61,7 +63,8 @@ class EdgeGate(System):
         cert, key, _ = self.cert
         config = os.path.join(self.work, "edgegate.toml")
         self.settings = {"worker_threads": self.workers, "max_clients": 19500, "handshake_permits": "0 (16 per worker)",
-                         "links": 2, "heartbeat": "ping 30 s, timeout 75 s", "backlog": 4096}
+                         "links": 2, "heartbeat": "ping 30 s, timeout 75 s", "backlog": 4096,
+                         "tls_stream": self.tls_stream}
         with open(config, "w") as f:
             f.write(f"""[runtime]
 worker_threads = {self.workers}
@@ -75,6 +78,7 @@ bind = "127.0.0.1:{self.port}"
 backlog = 4096
 tls_cert_path = "{cert}"
 tls_key_path = "{key}"
+tls_stream = "{self.tls_stream}"
 
 [[route]]
 listener = "bench"
@@ -116,6 +120,13 @@ drain_window_secs = 1
 
     def pids(self):
         return [self.gw.pid]
+
+
+class EdgeGateLean(EdgeGate):
+    """EdgeGate with `tls_stream = "lean"`: its own TLS stream, no buffer
+    held while a client is idle."""
+    name = "edgegate-lean"
+    tls_stream = "lean"
 
 
 class HAProxy(System):

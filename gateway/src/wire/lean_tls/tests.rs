@@ -234,6 +234,58 @@ async fn eof_without_close_notify_is_unexpected_eof() {
 }
 
 #[tokio::test]
+async fn the_client_hello_waits_unprocessed_until_the_handshake() {
+    let (server, client) = tls13();
+    // A one-byte pipe: the hello arrives a byte at a time.
+    let (client_io, server_io) = duplex(1);
+    let mut lean = LeanTlsStream::new(server_io, server).unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let connect = tokio::spawn(TlsConnector::from(Arc::new(client)).connect(name, client_io));
+    timeout(BOUND, lean.client_hello()).await.unwrap().unwrap();
+    assert!(lean.is_handshaking());
+    // Waiting again returns at once: the record is kept, not consumed.
+    timeout(BOUND, lean.client_hello()).await.unwrap().unwrap();
+    timeout(BOUND, lean.handshake()).await.unwrap().unwrap();
+    let client = timeout(BOUND, connect).await.unwrap().unwrap().unwrap();
+    let server = tokio::spawn(echo(lean));
+    assert_eq!(round_trip(client, b"after hello").await, b"after hello");
+    timeout(BOUND, server).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_plain_http_request_is_not_a_client_hello() {
+    let (server, _) = tls13();
+    let (mut client_io, server_io) = duplex(1024);
+    let mut lean = LeanTlsStream::new(server_io, server).unwrap();
+    client_io
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let err = timeout(BOUND, lean.client_hello())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+}
+
+#[tokio::test]
+async fn a_handshake_record_longer_than_tls_allows_is_refused_at_once() {
+    let (server, _) = tls13();
+    let (mut client_io, server_io) = duplex(1024);
+    let mut lean = LeanTlsStream::new(server_io, server).unwrap();
+    // A header claiming 64 KiB, and nothing after it.
+    client_io
+        .write_all(&[0x16, 0x03, 0x01, 0xff, 0xff])
+        .await
+        .unwrap();
+    let err = timeout(Duration::from_secs(1), lean.client_hello())
+        .await
+        .expect("refused without waiting for the body")
+        .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+}
+
+#[tokio::test]
 async fn eof_during_the_handshake_is_unexpected_eof() {
     let (server, _) = tls13();
     let (mut client_io, server_io) = duplex(1024);
