@@ -131,10 +131,20 @@ check "shipped config is a copy of gateway/config/edgegate.toml" \
     bash -c "dpkg-deb --fsys-tarfile '$DEB' | tar -xOf - ./etc/edgegate/edgegate.toml | cmp - '$REPO/gateway/config/edgegate.toml'"
 check "changelog's latest entry is the package version ($VERSION)" \
     bash -c "head -n 1 '$REPO/packaging/changelog' | grep -qF '($VERSION)'"
-# The upgrade policy lives in the generated maintainer scripts: no restart in
-# postinst, and prerm stops the unit only on remove.
-check "postinst never restarts the service on upgrade" \
-    bash -c "! grep -Eq 'deb-systemd-invoke (restart|try-restart)' '$WORK/control/postinst'"
+# The upgrade policy lives in the maintainer scripts: postinst hands a running
+# gateway over (edgegate upgrade --wait) after the generated fragments and
+# restarts only one that cannot hand over (exit 69); prerm stops the unit only
+# on remove.
+postinst_hands_over() {
+    local p=$WORK/control/postinst
+    grep -q '/usr/bin/edgegate upgrade --wait' "$p" &&
+        [ "$(grep -Ec 'deb-systemd-invoke (restart|try-restart)' "$p")" = 1 ] &&
+        grep -B2 'deb-systemd-invoke restart' "$p" | grep -q '69)' &&
+        # The call comes after the fragments (daemon-reload first).
+        [ "$(grep -n 'daemon-reload' "$p" | tail -n 1 | cut -d: -f1)" -lt "$(grep -n '^    upgrade_running "\$2"' "$p" | cut -d: -f1)" ]
+}
+check "postinst hands a running gateway over after daemon-reload, restarting only one that cannot (exit 69)" \
+    postinst_hands_over
 check "prerm stops the service only on remove, not on upgrade" \
     bash -c "grep -q 'deb-systemd-invoke stop' '$WORK/control/prerm' && grep -q '\"\$1\" = remove' '$WORK/control/prerm'"
 check "postinst applies sysctl and creates the user with systemd-sysusers" \
@@ -430,7 +440,9 @@ if in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall 
 else
     fail "reinstall (postinst configure with an old version) succeeds" "see $WORK/apt-reinstall.log"
 fi
-check "upgrade says the running service was not restarted" grep -q "was NOT restarted" "$WORK/apt-reinstall.log"
+# No systemd runs in the root: the postinst touches no service.
+check "reinstall in a root without systemd attempts no handover" \
+    bash -c "! grep -q 'handing the running gateway over' '$WORK/apt-reinstall.log'"
 check "conffile unchanged by reinstall" cmp "$ROOT/etc/edgegate/edgegate.toml" "$REPO/gateway/config/edgegate.toml"
 
 if in_root env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q edgegate >"$WORK/apt-purge.log" 2>&1 <<<""; then
