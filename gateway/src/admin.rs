@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::link::ServicePool;
+use crate::links::ServicePool;
 use crate::metrics::Metrics;
 use crate::scheduler::Probe;
 use crate::state::{Admission, Lifecycle};

@@ -40,7 +40,7 @@ use tracing::debug;
 use crate::close::CloseReason;
 use crate::config::{Protocol, TlsStreamKind};
 use crate::framed::FramedClient;
-use crate::link::{LinkHandle, ServicePool};
+use crate::links::{LinkHandle, ServicePool};
 use crate::metrics::Phase;
 use crate::outbox::ClientHandle;
 use crate::state::{Settings, Shared};

@@ -24,7 +24,7 @@ use crate::client::ListenerCtx;
 use crate::close::CloseReason;
 use crate::config::Config;
 use crate::handover::AdoptedSockets;
-use crate::link::{spawn_pool, LinkContext, ServicePool};
+use crate::links::{spawn_pool, LinkContext, ServicePool};
 use crate::listener::{accept_loop, bind};
 use crate::metrics::Metrics;
 use crate::state::{Settings, Shared};

@@ -30,7 +30,7 @@
 //! - [`topics`]: topic membership and fan-out (sharded, batched).
 //! - [`state`]: what the whole gateway shares: admission (the client cap),
 //!   lifecycle (drain, leave), the settings a reload swaps.
-//! - [`link`]: link pools (`links` per service instance), dialling, the link
+//! - [`links`]: link pools (`links` per service instance), dialling, the link
 //!   reader and dispatch; it gets a narrow `LinkContext`, not `Shared`. The
 //!   writer is the link crate's.
 //! - [`framed`]: the framed client protocol as a stream of messages.
@@ -74,7 +74,7 @@ pub mod demo;
 pub mod framed;
 pub mod gateway;
 pub mod handover;
-pub mod link;
+pub mod links;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Protocol;
-use crate::link::ServicePool;
+use crate::links::ServicePool;
 use crate::metrics::Metrics;
 use crate::state::Shared;
 

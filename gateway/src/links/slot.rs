@@ -1,0 +1,305 @@
+//! One slot's life: dial its instance, exchange Hello, run the link (the
+//! link crate's writer, the reader here), close the bound clients when it
+//! drops, back off, redial.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgegate_link::backoff::Backoff;
+use edgegate_link::hello::{self, HelloError};
+use edgegate_link::proto::{frame_cap_for_messages, Frame, FrameCodec, CLIENT_MESSAGE_OVERHEAD};
+use edgegate_link::writer::{LinkWriter, WriterConfig};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{sleep, timeout, Instant};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::dispatch::dispatch;
+use super::pool::{LinkHandle, ServicePool};
+use super::LinkContext;
+use crate::close::CloseReason;
+use crate::config::ServiceConfig;
+use crate::registry::ClientRegistry;
+
+/// Link ids are unique in the process, for logs.
+static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Creates the pool of `config` and spawns one task per slot: `links` for
+/// each of its addresses.
+///
+/// Slots stop when `stop` is cancelled: each sends Goaway after what is
+/// queued and closes its link.
+pub fn spawn_pool(
+    config: ServiceConfig,
+    gateway_name: Arc<str>,
+    ctx: Arc<LinkContext>,
+    stop: CancellationToken,
+) -> (Arc<ServicePool>, Vec<tokio::task::JoinHandle<()>>) {
+    let pool = Arc::new(ServicePool::new(
+        &config.name,
+        &config.addresses,
+        config.links,
+    ));
+    let config = Arc::new(config);
+    let tasks = (0..config.addresses.len())
+        .flat_map(|instance| (0..config.links).map(move |slot| (instance, slot)))
+        .map(|(instance, slot)| {
+            tokio::spawn(run_slot(
+                instance,
+                slot,
+                pool.clone(),
+                config.clone(),
+                gateway_name.clone(),
+                ctx.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    (pool, tasks)
+}
+
+/// Why a dial failed.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("connect {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connect {addr}: timed out")]
+    Timeout { addr: String },
+    #[error("hello with {addr}: {source}")]
+    Hello { addr: String, source: HelloError },
+}
+
+type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>;
+type Writer = FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>;
+
+/// A link just through its `Hello` exchange.
+struct Dialled {
+    reader: Reader,
+    writer: Writer,
+    /// The service's name, from its `Hello`.
+    service_name: String,
+    /// The largest frame the service accepts, from its `Hello`.
+    max_frame_bytes: usize,
+}
+
+/// Dials `addr` and exchanges `Hello`s (the link crate's [`hello::offer`],
+/// the same checks the service makes). The gateway accepts frames up to
+/// `max_frame_bytes` (said in its `Hello`) and sends none larger than the
+/// service's.
+async fn dial(
+    addr: &str,
+    config: &ServiceConfig,
+    gateway_name: &str,
+    max_frame_bytes: usize,
+) -> Result<Dialled, DialError> {
+    let stream = timeout(config.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| DialError::Timeout { addr: addr.into() })?
+        .map_err(|source| DialError::Connect {
+            addr: addr.into(),
+            source,
+        })?;
+    // Links carry many small frames; batching happens in the writer.
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let mut reader = FramedRead::new(r, FrameCodec::new(max_frame_bytes));
+    // Only Hello goes out until the service has said its cap.
+    let mut writer = FramedWrite::new(w, FrameCodec::default());
+    let offered = hello::offer(
+        &mut reader,
+        &mut writer,
+        gateway_name,
+        max_frame_bytes,
+        config.connect_timeout,
+    )
+    .await;
+    let peer = match offered {
+        Ok(peer) => peer,
+        Err(source) => {
+            // Say why before closing, as the service does (protocol spec).
+            if let Some(goaway) = source.goaway() {
+                let _ = timeout(config.connect_timeout, writer.send(goaway)).await;
+            }
+            return Err(DialError::Hello {
+                addr: addr.into(),
+                source,
+            });
+        }
+    };
+    Ok(Dialled {
+        reader,
+        writer,
+        service_name: peer.name,
+        max_frame_bytes: peer.max_frame_bytes,
+    })
+}
+
+/// Redials take up to half off each pause at random (a pause in [d/2, d]), so
+/// the gateways that lost one instance do not redial it in lockstep.
+const REDIAL_JITTER: f64 = 0.5;
+
+async fn run_slot(
+    instance: usize,
+    slot: usize,
+    pool: Arc<ServicePool>,
+    config: Arc<ServiceConfig>,
+    gateway_name: Arc<str>,
+    ctx: Arc<LinkContext>,
+    stop: CancellationToken,
+) {
+    let label = [("service", config.name.clone())];
+    let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max, REDIAL_JITTER);
+    let mut attempt = 0usize;
+    let mut failures = 0u64;
+    let addr = pool.address(instance);
+    let addr = &*addr;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        if attempt > 0 {
+            ctx.metrics.link_reconnects.get_or_create(&label).inc();
+        }
+        attempt += 1;
+        // The largest message a service may send is also max_message_bytes.
+        let own_max = frame_cap_for_messages(ctx.settings.load().limits.max_message_bytes);
+        let dialled = tokio::select! {
+            r = dial(addr, &config, &gateway_name, own_max) => r,
+            () = stop.cancelled() => return,
+        };
+        match dialled {
+            Ok(Dialled {
+                reader,
+                writer,
+                service_name,
+                max_frame_bytes,
+            }) => {
+                failures = 0;
+                backoff.reset();
+                let (tx, rx) = mpsc::channel(config.link_queue_frames);
+                let link = Arc::new(LinkHandle::new(
+                    NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed),
+                    pool.name.clone(),
+                    tx,
+                    max_frame_bytes,
+                ));
+                info!(service = %config.name, link.id = link.id, %addr, peer = %service_name, instance, slot, max_frame_bytes, "link up");
+                let max_message = ctx.settings.load().limits.max_message_bytes;
+                if max_message + CLIENT_MESSAGE_OVERHEAD > max_frame_bytes {
+                    warn!(
+                        service = %config.name, link.id = link.id, max_frame_bytes, max_message_bytes = max_message,
+                        "the service accepts smaller frames than limits.max_message_bytes needs: client messages above {} bytes are refused with 1009",
+                        max_frame_bytes - CLIENT_MESSAGE_OVERHEAD
+                    );
+                }
+                pool.set(instance, slot, Some(link.clone()));
+                ctx.metrics.links_up.get_or_create(&label).inc();
+                let end = run_link(&link, reader, writer, rx, &config, &ctx, &stop).await;
+                pool.set(instance, slot, None);
+                ctx.metrics.links_up.get_or_create(&label).dec();
+                if stop.is_cancelled() {
+                    info!(service = %config.name, link.id = link.id, "link closed");
+                    return;
+                }
+                warn!(service = %config.name, link.id = link.id, %addr, reason = %end, clients = link.load(), "link down; closing its clients with 1012");
+                close_bound(&ctx.clients, link.id).await;
+            }
+            Err(e) => {
+                failures += 1;
+                // First failure and then every 10th: a dead service must not flood the log.
+                if failures == 1 || failures % 10 == 0 {
+                    warn!(service = %config.name, %addr, failures, error = %e, "link dial failed");
+                } else {
+                    debug!(service = %config.name, %addr, failures, error = %e, "link dial failed");
+                }
+            }
+        }
+        tokio::select! {
+            () = sleep(backoff.next_delay()) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Closes every client bound to link `id` with 1012. The registry is walked
+/// shard by shard with a yield between shards, as a drain walks it, so a
+/// link drop among millions of clients never holds a worker for long.
+async fn close_bound(clients: &ClientRegistry, id: u64) {
+    for shard in 0..crate::registry::SHARDS {
+        for c in clients.shard_matching(shard, |c| c.link_id == id) {
+            c.outbox.close(CloseReason::LinkLost);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Bound on the goodbye at shutdown: what is queued, then the Goaway.
+const GOAWAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs one established link until it drops or `stop` is cancelled; returns
+/// why it ended.
+///
+/// The writer is the link crate's [`LinkWriter`], as on the service's end:
+/// it pings every `ping_interval_secs`, answers the newest ping ahead of
+/// queued data, and ends the link when a write does not finish within
+/// `ping_timeout_secs` (the service stopped reading).
+async fn run_link(
+    link: &Arc<LinkHandle>,
+    mut reader: Reader,
+    writer: Writer,
+    rx: mpsc::Receiver<Frame>,
+    config: &ServiceConfig,
+    ctx: &LinkContext,
+    stop: &CancellationToken,
+) -> String {
+    let frames_out = ctx.metrics.link_frames_out.clone();
+    let (mut writer, pongs) = LinkWriter::spawn(
+        writer,
+        rx,
+        WriterConfig {
+            ping_interval: config.ping_interval,
+            write_timeout: config.ping_timeout,
+        },
+        move |n| {
+            frames_out.inc_by(n as u64);
+        },
+    );
+    let silence = tokio::time::sleep(config.ping_timeout);
+    tokio::pin!(silence);
+    loop {
+        tokio::select! {
+            frame = reader.next() => match frame {
+                None => return "service closed the link".to_string(),
+                Some(Err(e)) => return format!("read: {e}"),
+                Some(Ok(frame)) => {
+                    silence.as_mut().reset(Instant::now() + config.ping_timeout);
+                    ctx.metrics.link_frames_in.inc();
+                    if let Err(end) = dispatch(link, frame, &pongs, ctx).await {
+                        return end;
+                    }
+                }
+            },
+            written = writer.ended() => {
+                return match written {
+                    Ok(()) => "link writer stopped".to_string(),
+                    Err(e) => format!("write: {e}"),
+                };
+            }
+            () = &mut silence => return format!("no frame for {:?}", config.ping_timeout),
+            () = stop.cancelled() => {
+                // Clients were drained before links are stopped: say goodbye
+                // after what is queued.
+                let goaway = Frame::Goaway { code: 0, reason: "gateway shutting down".into() };
+                writer.stop(Some(goaway), GOAWAY_TIMEOUT.min(config.ping_timeout)).await;
+                return "gateway shutting down".to_string();
+            }
+        }
+    }
+}
