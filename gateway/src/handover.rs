@@ -50,8 +50,9 @@
 //!   with 1001 and exits), killed if it does not, and the old process keeps
 //!   serving; `edgegate upgrade` prints the reason and exits non-zero.
 //!
-//! While a handover runs (at most [`CHILD_READY_TIMEOUT`]) the old process
-//! handles no signal; signals arriving meanwhile are handled right after.
+//! While a handover runs (at most [`CHILD_READY_TIMEOUT`]) a SIGHUP waits
+//! for its end. A stop signal ends it: the child is told to stop and the old
+//! process, still the main one, drains as for any stop.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
@@ -117,6 +118,8 @@ pub enum HandoverError {
     NotMade,
     #[error("{HANDOVER_ENV}: {0}")]
     Env(String),
+    #[error("the gateway is stopping (a stop signal came during the handover); the new process was told to stop")]
+    Stopping,
 }
 
 // ---------------------------------------------------------------------------
@@ -223,6 +226,11 @@ impl Control {
     /// # Errors
     /// [`HandoverError`] when it cannot start, exits, or is not ready within
     /// [`CHILD_READY_TIMEOUT`]; it is stopped then.
+    ///
+    /// # Cancel safety
+    /// Dropping the future closes the channel: a child already started
+    /// closes what it accepted with 1001 and exits by itself (it is not
+    /// waited for).
     pub async fn start_successor(
         &self,
         config: &Path,
@@ -562,6 +570,21 @@ impl Adopted {
             control,
             channel: BufReader::new(channel),
         }))
+    }
+
+    /// Returns when the old process closed the channel (it gave up on this
+    /// one, or exited) before saying anything.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: it only looks at the channel, consuming nothing.
+    pub async fn parent_gone(&mut self) {
+        loop {
+            match self.channel.fill_buf().await {
+                Ok([]) | Err(_) => return,
+                // The old process speaks only after "ready": nothing to read yet.
+                Ok(_) => std::future::pending::<()>().await,
+            }
+        }
     }
 
     /// Tells the old process this one serves, then waits (bounded by

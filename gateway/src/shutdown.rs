@@ -71,10 +71,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .as_deref()
         .and_then(|p| Control::open(p, inherited_control));
     let links_by = tokio::time::Instant::now() + crate::handover::LINKS_WAIT;
-    while !gateway.is_ready() && tokio::time::Instant::now() < links_by {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if let Err(e) = adopted.ready_then_main().await {
+    let links_up = async {
+        while !gateway.is_ready() && tokio::time::Instant::now() < links_by {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let outcome = tokio::select! {
+        () = links_up => adopted.ready_then_main().await,
+        () = adopted.parent_gone() => Err(HandoverError::NotMade),
+    };
+    if let Err(e) = outcome {
         error!(error = %e, parent, "not made main; closing what this process accepted");
         gateway.shutdown(INTERRUPT_DRAIN_WINDOW).await;
         return Err(e.into());
@@ -142,10 +148,21 @@ pub async fn serve(
             _ = int.recv() => break Ending::Drain(Duration::ZERO, window.min(INTERRUPT_DRAIN_WINDOW)),
             mut requester = next_upgrade(control.as_ref()) => {
                 let Some(control) = &control else { continue };
-                let child = match control
-                    .start_successor(&config.path, gateway.handover_sockets())
-                    .await
-                {
+                // A stop signal wins over a handover in progress: the child
+                // is told to stop, and this process drains as for any stop
+                // (systemd's stop job waits for this process, the main one).
+                let started = tokio::select! {
+                    r = control.start_successor(&config.path, gateway.handover_sockets()) => r,
+                    _ = term.recv() => {
+                        requester.failed(&HandoverError::Stopping).await;
+                        break Ending::Drain(grace, window);
+                    }
+                    _ = int.recv() => {
+                        requester.failed(&HandoverError::Stopping).await;
+                        break Ending::Drain(Duration::ZERO, window.min(INTERRUPT_DRAIN_WINDOW));
+                    }
+                };
+                let child = match started {
                     Ok(c) => c,
                     Err(e) => {
                         requester.failed(&e).await;

@@ -771,3 +771,81 @@ fn upgrade_without_a_running_gateway_exits_69() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no gateway answers"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_handover_stops_the_successor_and_drains() {
+    let mut setup = Setup::start("stop").await;
+    let first_pid = setup.pids[0];
+    // The successor reads a file whose service does not answer: it waits
+    // for its links (up to the bound) before it says ready, and the stop
+    // comes meanwhile.
+    let good = std::fs::read_to_string(&setup.config).unwrap();
+    let service = good
+        .lines()
+        .find_map(|l| l.strip_prefix("addresses = "))
+        .unwrap()
+        .to_owned();
+    std::fs::write(&setup.config, good.replace(&service, "[\"127.0.0.1:9\"]")).unwrap();
+    let upgrade = {
+        let config = setup.config.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_edgegate"))
+                .args(["upgrade", "--config"])
+                .arg(config)
+                .output()
+                .unwrap()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !setup.log().contains("started the new process") {
+        assert!(
+            Instant::now() < deadline,
+            "no successor started:\n{}",
+            setup.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+
+    let out = upgrade.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a stop wins over a handover in progress: {stderr}\nlog:\n{}",
+        setup.log()
+    );
+    assert!(stderr.contains("stopping"), "{stderr}");
+    // The old process drained as for any stop, and stayed the main process
+    // to the end (systemd's stop job waits for it).
+    let status = tokio::task::spawn_blocking({
+        let mut first = std::mem::replace(&mut setup.first, Command::new("true").spawn().unwrap());
+        move || first.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", setup.log());
+    let (rejected, main) = setup.systemd.replay(first_pid);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert_eq!(main, first_pid, "no MAINPID= during a stop");
+    setup.systemd.wait_for(first_pid, "STOPPING=1").await;
+    // No successor is left holding the port: it refuses.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(setup.addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "something still listens after the stop:\n{}",
+                    setup.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
