@@ -94,6 +94,34 @@ type ClientWs = Box<tokio_tungstenite::WebSocketStream<ServerTls>>;
 /// A framed-protocol client, boxed for the same reason.
 type ClientFramed = Box<FramedClient<ServerTls>>;
 
+/// A client's message stream over its TLS stream: the WebSocket or the
+/// framed codec. The session ends with a [`linger`](crate::linger) on the TLS
+/// stream under it.
+trait ClientStream:
+    Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin
+{
+    /// The protocol this stream speaks (the `protocol` label).
+    const PROTOCOL: Protocol;
+
+    fn tls(&mut self) -> &mut ServerTls;
+}
+
+impl ClientStream for ClientWs {
+    const PROTOCOL: Protocol = Protocol::WebSocket;
+
+    fn tls(&mut self) -> &mut ServerTls {
+        self.get_mut()
+    }
+}
+
+impl ClientStream for ClientFramed {
+    const PROTOCOL: Protocol = Protocol::Framed;
+
+    fn tls(&mut self) -> &mut ServerTls {
+        self.get_mut()
+    }
+}
+
 /// Runs one client from accepted socket to close. Spawned by the accept loop
 /// with a handshake permit, which is released when TLS completes (see
 /// [`tls_phase`]).
@@ -125,7 +153,7 @@ pub async fn serve(
         Protocol::WebSocket => {
             let (ws, admission) = match Box::pin(upgrade_phase(tls, &ctx, &settings)).await {
                 Ok(upgraded) => upgraded,
-                Err(phase) => return handshake_failed(shared, addr, phase),
+                Err(Counted) => return shared.admission.release(addr.ip()),
             };
             session_started(shared, protocol, started);
             let pool = ctx.services[admission.service].clone();
@@ -134,16 +162,25 @@ pub async fn serve(
         Protocol::Framed => {
             let (client, admission) = match Box::pin(hello_phase(tls, &ctx, &settings)).await {
                 Ok(opened) => opened,
-                Err(phase) => return handshake_failed(shared, addr, phase),
+                Err(Counted) => return shared.admission.release(addr.ip()),
             };
             session_started(shared, protocol, started);
             let pool = ctx.services[admission.service].clone();
             run_session(client, id, addr, admission, &pool, shared, &settings).await
         }
     };
-    debug!(reason = reason.label(), "client closed");
-    shared.metrics.closed(protocol, &reason);
+    debug!(reason = reason.label(), "client connection released");
     shared.admission.release(addr.ip());
+}
+
+/// A handshake phase failed and counted its failure (and lingered, when it
+/// answered the client): the connection is gone.
+struct Counted;
+
+/// Counts a failed handshake phase.
+fn counted(shared: &Shared, phase: Phase) -> Counted {
+    shared.metrics.handshake_failed(phase);
+    Counted
 }
 
 fn handshake_failed(shared: &Shared, addr: SocketAddr, phase: Phase) {
@@ -336,7 +373,7 @@ async fn upgrade_phase(
     mut tls: ClientTls,
     ctx: &ListenerCtx,
     settings: &Settings,
-) -> Result<(ClientWs, Admission), Phase> {
+) -> Result<(ClientWs, Admission), Counted> {
     let opened = timeout(settings.limits.upgrade_timeout, async {
         let (request, rest) = read_request(&mut tls).await?;
         let (response, admission) = judge(&request, ctx, settings).map_err(NoUpgrade::Refused)?;
@@ -362,16 +399,20 @@ async fn upgrade_phase(
         }
         Ok(Err(NoUpgrade::Refused(refusal))) => {
             debug!(status = %refusal.response.status(), phase = refusal.phase.as_str(), "upgrade refused");
-            let _ = timeout(CLOSE_TIMEOUT, answer(&mut tls, &refusal.response)).await;
-            Err(refusal.phase)
+            // Counted before the answer, so whoever reads it sees the count.
+            let failed = counted(&ctx.shared, refusal.phase);
+            if let Ok(Ok(())) = timeout(CLOSE_TIMEOUT, answer(&mut tls, &refusal.response)).await {
+                Box::pin(crate::linger::linger(&mut tls)).await;
+            }
+            Err(failed)
         }
         Ok(Err(NoUpgrade::Gone)) => {
             debug!("connection ended before a whole request");
-            Err(Phase::Upgrade)
+            Err(counted(&ctx.shared, Phase::Upgrade))
         }
         Err(_) => {
             debug!("upgrade timed out");
-            Err(Phase::Upgrade)
+            Err(counted(&ctx.shared, Phase::Upgrade))
         }
     }
 }
@@ -495,7 +536,7 @@ fn judge(
     Ok((response, admission))
 }
 
-/// Writes an HTTP error answer and closes the TLS session.
+/// Writes an HTTP error answer; the caller lingers (close_notify, FIN, discard).
 async fn answer(tls: &mut ClientTls, response: &ErrorResponse) -> std::io::Result<()> {
     let body = response.body().as_deref().unwrap_or("");
     let mut text = format!(
@@ -511,8 +552,7 @@ async fn answer(tls: &mut ClientTls, response: &ErrorResponse) -> std::io::Resul
     text.push_str("\r\n");
     text.push_str(body);
     tls.write_all(text.as_bytes()).await?;
-    tls.flush().await?;
-    tls.shutdown().await
+    tls.flush().await
 }
 
 /// The framed protocol's opening: the client's Hello (route and token),
@@ -522,44 +562,47 @@ async fn hello_phase(
     tls: ClientTls,
     ctx: &ListenerCtx,
     settings: &Settings,
-) -> Result<(ClientFramed, Admission), Phase> {
+) -> Result<(ClientFramed, Admission), Counted> {
     let limits = &settings.limits;
     let mut client = Box::new(FramedClient::new(*tls, limits.max_message_bytes));
     let hello = match timeout(limits.upgrade_timeout, client.read_hello()).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(e)) => {
             debug!(error = %e, "framed hello refused");
-            let _ = timeout(
-                CLOSE_TIMEOUT,
-                client.send(close_message(1002, "expected hello")),
+            return Err(refuse_framed(
+                client,
+                counted(&ctx.shared, Phase::Upgrade),
+                1002,
+                "expected hello",
             )
-            .await;
-            return Err(Phase::Upgrade);
+            .await);
         }
         Err(_) => {
             debug!("framed hello timed out");
-            return Err(Phase::Upgrade);
+            return Err(counted(&ctx.shared, Phase::Upgrade));
         }
     };
     let Some(&service) = ctx.routes.get(&hello.route) else {
-        let _ = timeout(
-            CLOSE_TIMEOUT,
-            client.send(close_message(4404, "no route for this path")),
+        return Err(refuse_framed(
+            client,
+            counted(&ctx.shared, Phase::Upgrade),
+            4404,
+            "no route for this path",
         )
-        .await;
-        return Err(Phase::Upgrade);
+        .await);
     };
     let bearer = (!hello.token.is_empty()).then(|| format!("Bearer {}", hello.token));
     let claims = match settings.auth.verify(bearer.as_deref(), None) {
         Ok(claims) => claims,
         Err(e) => {
             debug!(error = %e, "framed client refused");
-            let _ = timeout(
-                CLOSE_TIMEOUT,
-                client.send(close_message(4401, &e.to_string())),
+            return Err(refuse_framed(
+                client,
+                counted(&ctx.shared, Phase::Auth),
+                4401,
+                &e.to_string(),
             )
-            .await;
-            return Err(Phase::Auth);
+            .await);
         }
     };
     match timeout(
@@ -576,8 +619,22 @@ async fn hello_phase(
                 claims,
             },
         )),
-        _ => Err(Phase::Upgrade),
+        _ => Err(counted(&ctx.shared, Phase::Upgrade)),
     }
+}
+
+/// Sends a refused framed client its Close frame (bounded), then lingers.
+/// The failure is counted by the caller before it is answered.
+async fn refuse_framed(
+    mut client: ClientFramed,
+    failed: Counted,
+    code: u16,
+    reason: &str,
+) -> Counted {
+    if let Ok(Ok(())) = timeout(CLOSE_TIMEOUT, client.send(close_message(code, reason))).await {
+        Box::pin(crate::linger::linger(client.get_mut())).await;
+    }
+    failed
 }
 
 fn close_message(code: u16, reason: &str) -> Message {
@@ -646,7 +703,7 @@ async fn bounded<F: Future>(timer: &mut Timer<'_>, until: Instant, fut: F) -> Op
 
 /// Binds the client to a link, opens it at the service, runs the session
 /// loop and tells the service when it ends.
-async fn run_session<S>(
+async fn run_session<S: ClientStream>(
     mut ws: S,
     id: ClientId,
     addr: SocketAddr,
@@ -654,21 +711,19 @@ async fn run_session<S>(
     pool: &ServicePool,
     shared: &Shared,
     settings: &Settings,
-) -> CloseReason
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
+) -> CloseReason {
     let limits = &settings.limits;
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let Some(link) = pool.pick() else {
-        return Box::pin(close(
+        let reason = Box::pin(close(
             &mut ws,
             &mut timer,
             CloseReason::NoLink,
             limits.write_timeout,
         ))
         .await;
+        return Box::pin(ended(ws, reason, shared)).await;
     };
     let handle = Arc::new(ClientHandle::new(
         id,
@@ -719,6 +774,17 @@ where
         // The service must learn of the close; wait for room, bounded.
         let until = Instant::now() + limits.link_backpressure_timeout;
         let _ = Box::pin(bounded(&mut timer, until, link.tx.send(frame))).await;
+    }
+    Box::pin(ended(ws, reason, shared)).await
+}
+
+/// Counts the session's end, then lets go of the connection with a
+/// lingering close (the connection still counts until it is gone).
+async fn ended<S: ClientStream>(mut ws: S, reason: CloseReason, shared: &Shared) -> CloseReason {
+    debug!(reason = reason.label(), "client closed");
+    shared.metrics.closed(S::PROTOCOL, &reason);
+    if reason.lingers() {
+        Box::pin(crate::linger::linger(ws.tls())).await;
     }
     reason
 }

@@ -118,6 +118,12 @@ impl CloseReason {
         }
     }
 
+    /// Whether the connection gets a lingering close (see `linger`): every
+    /// end but a client that is gone or a socket that cannot be written to.
+    pub fn lingers(&self) -> bool {
+        !matches!(self, CloseReason::ClientGone | CloseReason::WriteTimeout)
+    }
+
     /// Whether the service must be told: not when the link itself is gone.
     pub fn tells_service(&self) -> bool {
         !matches!(self, CloseReason::LinkLost)

@@ -219,6 +219,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> FramedClient<T> {
         }
     }
 
+    /// The stream under the framing (for the lingering close).
+    pub fn get_mut(&mut self) -> &mut T {
+        self.inner.get_mut()
+    }
+
     /// Reads the Hello (the caller bounds it with the upgrade timeout).
     ///
     /// # Errors

@@ -563,10 +563,14 @@ impl Gateway {
         }
         drop(clients);
         // Clients that finished their handshake during the drain close themselves
-        // (they see `draining`). Wait for sessions to end, bounded by the write
-        // timeout that bounds each close.
+        // (they see `draining`). Wait for sessions to end, bounded by what
+        // bounds each close: the write timeout for the close frame, then the
+        // lingering close that lets the client read it.
         let settings = self.shared.settings();
-        let deadline = Instant::now() + settings.limits.write_timeout + Duration::from_secs(1);
+        let deadline = Instant::now()
+            + settings.limits.write_timeout
+            + crate::linger::LINGER_TIME
+            + Duration::from_secs(1);
         while self.shared.admission.connections() > 0 && Instant::now() < deadline {
             for i in 0..crate::registry::SHARDS {
                 for c in self.shared.clients.shard_snapshot(i) {

@@ -24,6 +24,7 @@
 //! - [`auth`]: JWT and Origin checks done during the upgrade.
 //! - [`tls`]: certificates, the reloadable acceptor, a client's stream of
 //!   either kind (tokio-rustls or lean, by the listener's `tls_stream`).
+//! - [`linger`]: the lingering close that lets a client read the last frame.
 //! - [`metrics`]: every metric name.
 //! - [`outbox`]: a client's bounded outbound queue and handle.
 //! - [`registry`]: connected clients by id (sharded).
@@ -74,6 +75,7 @@ pub mod demo;
 pub mod framed;
 pub mod gateway;
 pub mod handover;
+pub mod linger;
 pub mod links;
 pub mod listener;
 pub mod logging;

@@ -199,6 +199,16 @@ pub enum ServerTls {
     Lean(LeanTlsStream<TcpStream>),
 }
 
+impl ServerTls {
+    /// The client's socket under the TLS layer.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            ServerTls::Rustls(s) => s.get_ref().0,
+            ServerTls::Lean(s) => s.get_ref(),
+        }
+    }
+}
+
 impl AsyncRead for ServerTls {
     fn poll_read(
         self: Pin<&mut Self>,

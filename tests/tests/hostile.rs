@@ -557,27 +557,30 @@ async fn tls_1_2_offer_of_only_weak_cipher_suites_is_refused_with_a_handshake_fa
 async fn endless_request_headers_are_cut_off_after_64_kib() {
     let service = EventService::start().await;
     let gw = gateway(&service).await;
-    let mut s = raw_tls(&gw).await;
-    s.write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n")
-        .await
-        .unwrap();
-    let line = format!("X-Filler: {}\r\n", "a".repeat(1000));
-    let mut written = 0usize;
-    // Up to 1 MiB; the gateway must hang up long before.
-    let refused_at = loop {
-        if written > 1 << 20 {
-            panic!("gateway took 1 MiB of headers");
+    let s = raw_tls(&gw).await;
+    let (mut rd, mut wr) = tokio::io::split(s);
+    // Headers without end, up to 1 MiB, while the answer is read: the gateway
+    // answers 431 after 64 KiB and, lingering, discards the rest unread.
+    let writer = tokio::spawn(async move {
+        wr.write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n")
+            .await
+            .unwrap();
+        let line = format!("X-Filler: {}\r\n", "a".repeat(1000));
+        let mut written = 0usize;
+        while written <= 1 << 20 {
+            match tokio::time::timeout(Duration::from_secs(2), wr.write_all(line.as_bytes())).await
+            {
+                Ok(Ok(())) => written += line.len(),
+                _ => break,
+            }
         }
-        match tokio::time::timeout(Duration::from_secs(2), s.write_all(line.as_bytes())).await {
-            Ok(Ok(())) => written += line.len(),
-            _ => break written,
-        }
-    };
-    let (_, _) = read_until_closed(&mut s, WAIT).await;
+        written
+    });
+    assert_eq!(read_http_status(&mut rd).await, Some(431));
+    let (_, _) = read_until_closed(&mut rd, WAIT).await;
+    let written = writer.await.unwrap();
     settle(&gw, WAIT).await;
-    println!(
-        "header bytes written before the gateway hung up: {refused_at} (socket buffers included)"
-    );
+    println!("header bytes written while the gateway refused and lingered: {written}");
     assert_eq!(failures(&gw, "upgrade"), 1.0);
 }
 
@@ -1385,4 +1388,76 @@ mod decoders {
             prop_assert!(buf.capacity() <= 2 * (MAX_LINK_FRAME + 8));
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Closes the gateway starts while the client is still writing (issue 28).
+// ---------------------------------------------------------------------------
+
+/// How many times the still-writing client tries in one run.
+const STILL_WRITING_TRIES: usize = 50;
+
+/// A real third-party client (Python `websockets`) sends a 1 MiB message in
+/// 100 fragments against a 64 KiB limit, 50 times in a row. The gateway
+/// closes each with 1009 while the client is still writing: without a
+/// lingering close the gateway dropped its socket with unread data, the
+/// kernel answered with RST and the client lost the close frame (2 of 50
+/// arrived on the old code). Each try must read the code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_writing_a_rejected_message_reads_its_close_code_every_time() {
+    let python = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tools/python-clients.sh"
+        ))
+        .output()
+        .expect("run tests/tools/python-clients.sh");
+    assert!(
+        python.status.success(),
+        "the Python client venv could not be made (needs PyPI): {}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    let python = String::from_utf8(python.stdout).unwrap().trim().to_owned();
+
+    let service = EventService::start().await;
+    let gw = GatewayBuilder::new(service.addr)
+        .links(1)
+        .limit("max_message_bytes", 65536)
+        .start()
+        .await;
+    let port = gw.addr.port().to_string();
+    let ca = gw.cert.cert_path.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/hostile/still_writing.py"
+            ))
+            .args(["127.0.0.1", &port, "/echo"])
+            .arg(ca)
+            .arg(STILL_WRITING_TRIES.to_string())
+            .output()
+            .expect("run still_writing.py")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "still_writing.py failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let codes: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("try "))
+        .filter_map(|l| l.split(": ").nth(1))
+        .collect();
+    assert_eq!(codes.len(), STILL_WRITING_TRIES, "{stdout}");
+    let received = codes.iter().filter(|c| **c == "1009").count();
+    assert_eq!(
+        received, STILL_WRITING_TRIES,
+        "the 1009 close frame arrived in {received} of {STILL_WRITING_TRIES} tries:\n{stdout}"
+    );
+    assert_eq!(closed(&gw, "message_too_big"), STILL_WRITING_TRIES as f64);
+    settle(&gw, WAIT).await;
 }
