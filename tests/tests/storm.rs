@@ -47,7 +47,15 @@ async fn a_storm_through_few_permits_lets_everyone_in_while_established_clients_
     for t in storm {
         clients.push(t.await.unwrap().expect("every storm client gets in"));
     }
-    assert_eq!(gw.gateway().client_count(), 401);
+    // A client is registered after its 101 is written: the last one may be
+    // connected on its side a moment before the gateway counts it.
+    assert!(
+        eventually(Duration::from_secs(5), || gw.gateway().client_count()
+            == 401)
+        .await,
+        "{} clients registered",
+        gw.gateway().client_count()
+    );
     assert_eq!(gw.metric("edgegate_handshake_failures_total", ""), 0.0);
     assert_eq!(gw.metric("edgegate_clients_refused_total", ""), 0.0);
 }
