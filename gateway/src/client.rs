@@ -57,6 +57,13 @@ pub const CLIENT_HELLO_WAIT: Duration = Duration::from_millis(500);
 const SLOW_READER_CLOSE_TIMEOUT: Duration = Duration::from_millis(100);
 /// A ping due within this much is sent now rather than after another timer.
 const PING_SLACK: Duration = Duration::from_millis(10);
+/// Control frames (pings, pongs) a client may send per heartbeat interval
+/// (`ping_interval_secs`) before it is closed with 1008. Each ping costs a
+/// pong the gateway must write, and a client that floods pings without
+/// reading keeps the session alive at the gateway's expense. Clients that
+/// ping on their own do it every few seconds at most (browsers never do), so
+/// 64 per interval (30 s by default) is far above any real client.
+pub const CONTROL_FRAME_BUDGET: u16 = 64;
 /// Messages written between two flushes when a burst is queued.
 const WRITE_BATCH: usize = 64;
 
@@ -808,6 +815,8 @@ where
     let mut ping_due = last_seen + hb.ping_interval;
     // A client message waiting for room in a full link queue, and until when.
     let mut pending: Option<(Frame, Instant)> = None;
+    // Control frames (pings, pongs) since the last heartbeat tick.
+    let mut controls: u16 = 0;
 
     loop {
         // A slow reader under the `close` policy is closed without writing
@@ -873,8 +882,15 @@ where
                         let _ = Box::pin(bounded(timer, Instant::now() + CLOSE_TIMEOUT, ws.close())).await;
                         return CloseReason::Client { code };
                     }
-                    // tungstenite answers pings itself; any frame counts as alive.
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                    // tungstenite answers pings itself; any frame counts as
+                    // alive, within the control-frame budget.
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+                        controls = controls.saturating_add(1);
+                        if controls > CONTROL_FRAME_BUDGET {
+                            return Box::pin(close(ws, timer, CloseReason::ControlFlood, limits.write_timeout)).await;
+                        }
+                        continue;
+                    }
                 };
                 shared.metrics.messages_in.inc();
                 shared.metrics.bytes_in.inc_by(payload.len() as u64);
@@ -902,6 +918,7 @@ where
                     return Box::pin(close(ws, timer, CloseReason::LinkBackpressure, limits.write_timeout)).await;
                 }
                 if now >= ping_due {
+                    controls = 0;
                     let idle = now.duration_since(last_seen);
                     if idle >= hb.ping_timeout {
                         return Box::pin(close(ws, timer, CloseReason::HeartbeatTimeout, limits.write_timeout)).await;

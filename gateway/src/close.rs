@@ -40,6 +40,8 @@ pub enum CloseReason {
     LinkBackpressure,
     /// The client's link dropped (1012).
     LinkLost,
+    /// More control frames than the budget per heartbeat interval (1008).
+    ControlFlood,
     /// The service had no link up when the client arrived (1013).
     NoLink,
 }
@@ -47,7 +49,7 @@ pub enum CloseReason {
 impl CloseReason {
     /// Every label value, so the series exist from start-up. A test checks
     /// that every reason's label is here.
-    pub const LABELS: [&'static str; 12] = [
+    pub const LABELS: [&'static str; 13] = [
         "client",
         "client_gone",
         "service",
@@ -60,6 +62,7 @@ impl CloseReason {
         "link_backpressure",
         "link_lost",
         "no_link",
+        "control_flood",
     ];
 
     /// A service's close, its text cut to what a close frame carries.
@@ -84,6 +87,7 @@ impl CloseReason {
             CloseReason::LinkBackpressure => "link_backpressure",
             CloseReason::LinkLost => "link_lost",
             CloseReason::NoLink => "no_link",
+            CloseReason::ControlFlood => "control_flood",
         }
     }
 
@@ -105,6 +109,7 @@ impl CloseReason {
             CloseReason::LinkBackpressure => (1013, "service busy"),
             CloseReason::LinkLost => (1012, "service link lost"),
             CloseReason::NoLink => (1013, "service unavailable"),
+            CloseReason::ControlFlood => (1008, "too many control frames"),
         })
     }
 
@@ -167,6 +172,7 @@ mod tests {
             CloseReason::LinkBackpressure,
             CloseReason::LinkLost,
             CloseReason::NoLink,
+            CloseReason::ControlFlood,
         ]
     }
 
@@ -198,7 +204,8 @@ mod tests {
                 Some(1007),
                 Some(1013),
                 Some(1012),
-                Some(1013)
+                Some(1013),
+                Some(1008)
             ]
         );
         for r in every_reason() {

@@ -177,6 +177,11 @@ fn upgrade_request(method: &str, path: &str, extra: &str) -> String {
 
 /// Reads an HTTP response head; `None` when the peer closed first.
 async fn read_http_status<S: AsyncReadExt + Unpin>(s: &mut S) -> Option<u16> {
+    read_http_head(s).await.map(|(status, _)| status)
+}
+
+/// Reads an HTTP response head: the status and the header lines, lowercased.
+async fn read_http_head<S: AsyncReadExt + Unpin>(s: &mut S) -> Option<(u16, Vec<String>)> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -188,8 +193,15 @@ async fn read_http_status<S: AsyncReadExt + Unpin>(s: &mut S) -> Option<u16> {
             _ => return None,
         }
     }
-    let text = String::from_utf8_lossy(&head);
-    text.split_whitespace().nth(1)?.parse().ok()
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = text
+        .lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Some((status, headers))
 }
 
 /// A TLS stream upgraded to WebSocket on `/echo` by hand.
@@ -663,10 +675,19 @@ async fn malformed_upgrade_requests_are_refused_counted_and_never_reach_the_serv
     for (what, req, want) in &cases {
         let mut s = raw_tls(&gw).await;
         s.write_all(req.as_bytes()).await.unwrap();
-        let status = read_http_status(&mut s).await;
+        let (status, headers) = read_http_head(&mut s).await.expect("an answer");
         let (rest, _) = read_until_closed(&mut s, WAIT).await;
-        assert_eq!(status, Some(*want), "{what}");
+        assert_eq!(status, *want, "{what}");
         assert!(!rest.is_empty(), "{what}: a short body says why");
+        let has = |line: &str| headers.iter().any(|h| h == line);
+        assert!(has("connection: close"), "{what}: {headers:?}");
+        if status == 426 {
+            assert!(has("upgrade: websocket"), "{what}: {headers:?}");
+            assert!(has("sec-websocket-version: 13"), "{what}: {headers:?}");
+        }
+        if status == 405 {
+            assert!(has("allow: get"), "{what}: {headers:?}");
+        }
         outcomes.push(format!("{what}: HTTP {want}"));
     }
     println!("{}", outcomes.join("\n"));
@@ -852,48 +873,89 @@ async fn broken_websocket_frames_are_closed_with_the_right_code_and_nothing_is_f
 }
 
 #[tokio::test]
-async fn ping_flood_from_a_client_that_never_reads_is_answered_within_a_bounded_buffer_and_forwards_nothing(
-) {
+async fn ping_flood_from_a_client_that_never_reads_is_closed_with_1008_and_forwards_nothing() {
     let mut service = EventService::start().await;
     let gw = gateway(&service).await;
     let mut s = raw_websocket(&gw).await;
     let ping = client_frame(OP_PING, &[0x55; 125]);
-    let mut batch = Vec::new();
-    for _ in 0..256 {
-        batch.extend_from_slice(&ping);
-    }
-    // 100,000 pings (13 MB, more than the socket buffers hold) written
-    // without reading a single pong.
+    let batch = ping.repeat(256);
+    // 10,240 pings (1.3 MB) written without reading a single pong. The
+    // gateway closes the flooder past its budget and, lingering, reads and
+    // discards the rest, so every write completes.
     let mut sent = 0;
-    while sent < 100_000 {
+    while sent < 10_240 {
         match tokio::time::timeout(Duration::from_secs(2), s.write_all(&batch)).await {
             Ok(Ok(())) => sent += 256,
             _ => break,
         }
     }
-    // The gateway still serves others while the flooder sits there.
+    // The gateway still serves others.
     let mut other = gw.connect("/echo").await;
     use futures_util::SinkExt;
     other
         .send(tokio_tungstenite::tungstenite::Message::text("ok"))
         .await
         .unwrap();
-    // Now read what the flooder was sent: pongs replace each other while the
-    // socket is full, so far fewer than one per ping.
-    s.write_all(&client_frame(OP_CLOSE, &1000u16.to_be_bytes()))
-        .await
-        .unwrap();
     let (end, pongs) = read_end(&mut s, WAIT).await;
     println!("ping flood: {sent} pings written, {pongs} pongs received, ended with {end:?}");
+    assert!(matches!(end, End::Close(1008)), "{end:?}");
     assert!(
-        pongs < sent,
-        "every pong was kept: the flooder's data was buffered, not replaced"
+        pongs <= usize::from(edgegate::client::CONTROL_FRAME_BUDGET),
+        "{pongs} pongs: the budget was not applied"
     );
+    assert_eq!(closed(&gw, "control_flood"), 1.0);
     drop(other);
     settle(&gw, WAIT).await;
     let events = drain_events(&mut service).await;
     // Only the other client's message reached the service.
     assert_eq!(messages(&events), 1, "{events:?}");
+}
+
+/// A text message is checked for UTF-8 as its fragments arrive: the first
+/// fragment that cannot be UTF-8 gets 1007 at once, without waiting for a
+/// rest of the message that may never come (tungstenite decodes each
+/// fragment as it lands; this pins it).
+#[tokio::test]
+async fn invalid_utf8_in_the_first_fragment_of_a_text_message_is_refused_at_once() {
+    let mut service = EventService::start().await;
+    let gw = gateway(&service).await;
+    let mut s = raw_websocket(&gw).await;
+    // 0xff is never UTF-8; FIN is not set and nothing follows.
+    let first = ws_frame(false, 0, OP_TEXT, Some([1, 2, 3, 4]), b"ok \xff then more");
+    s.write_all(&first).await.unwrap();
+    let (end, _) = read_end(&mut s, WAIT).await;
+    assert!(matches!(end, End::Close(1007)), "{end:?}");
+    assert_eq!(closed(&gw, "protocol_error"), 1.0);
+    settle(&gw, WAIT).await;
+    assert_eq!(messages(&drain_events(&mut service).await), 0);
+}
+
+/// A client that pings often but within the budget is never closed by it:
+/// one ping per 25 ms (~40 per 1 s heartbeat interval, budget 64) for 3 s.
+#[tokio::test]
+async fn a_client_pinging_often_but_within_the_budget_stays_connected() {
+    let service = EventService::start().await;
+    let gw = GatewayBuilder::new(service.addr)
+        .links(1)
+        .heartbeat("ping_interval_secs", 1)
+        .heartbeat("ping_timeout_secs", 3)
+        .start()
+        .await;
+    let mut ws = gw.connect("/echo").await;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    for i in 0..120u32 {
+        ws.send(Message::Ping(i.to_be_bytes().to_vec().into()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        // Read the pongs as they come, as a real client does.
+        while let Ok(Some(msg)) = tokio::time::timeout(Duration::ZERO, ws.next()).await {
+            assert!(!matches!(msg, Ok(Message::Close(_))), "closed: {msg:?}");
+        }
+    }
+    assert_eq!(closed(&gw, "control_flood"), 0.0);
+    assert_eq!(gw.metric("edgegate_clients", ""), 1.0);
 }
 
 // ---------------------------------------------------------------------------
