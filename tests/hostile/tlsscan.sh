@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Scans a running edgegate's TLS with an independent scanner (Debian's
-# sslscan): no protocol below TLS 1.2, no weak cipher suite, TLS 1.2 and 1.3
-# offered, no compression, no Heartbleed. Runs the real binary with a
-# self-signed certificate from `openssl req` (one RSA, one ECDSA) and the
-# example service; also asks `openssl s_client` for TLS 1.0/1.1 directly.
+# Scans a running edgegate's TLS with independent scanners (Debian's
+# sslscan and testssl.sh): no protocol below TLS 1.2, no weak cipher suite,
+# TLS 1.2 and 1.3 offered, no compression, no Heartbleed, and none of the
+# vulnerabilities testssl.sh probes (CCS injection, Ticketbleed, ROBOT,
+# renegotiation, CRIME, POODLE, SWEET32, FREAK, DROWN, LOGJAM, BEAST,
+# LUCKY13, RC4). Runs the real binary with a self-signed certificate from
+# `openssl req` (one RSA, one ECDSA; testssl.sh, ~90 s a scan, on the ECDSA
+# one) and the example service; also asks `openssl s_client` for TLS 1.0/1.1
+# directly.
 #
 #   tests/hostile/tlsscan.sh        (root for apt-get; the rest needs no root)
 #   EDGEGATE_TEST_TLS_STREAM=lean tests/hostile/tlsscan.sh   the same on the lean TLS stream
@@ -39,6 +43,11 @@ if ! command -v sslscan >/dev/null; then
 fi
 command -v sslscan >/dev/null
 check "sslscan installed ($(sslscan --version 2>/dev/null | grep -Eo '[0-9]+\.[0-9]+\.[0-9]+' | head -1))" $?
+if ! command -v testssl >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq testssl.sh >/dev/null
+fi
+command -v testssl >/dev/null
+check "testssl.sh installed ($(dpkg-query -W -f='${Version}' testssl.sh 2>/dev/null))" $?
 
 cargo build --quiet -p edgegate --bin edgegate && cargo build --quiet -p edgegate-link --example example_service
 check "edgegate and example_service build" $?
@@ -144,8 +153,41 @@ TOML
     echo | timeout 10 openssl s_client -connect "127.0.0.1:$port" -servername localhost -tls1_2 >"$dir/s_client-tls1_2.txt" 2>&1
     grep -Eq 'Protocol *: *TLSv1\.2' "$dir/s_client-tls1_2.txt"
     check "$kind: openssl s_client -tls1_2 succeeds" $?
+    [ "$kind" = ecdsa-p256 ] && testssl_scan "$kind" "$port" "$dir"
     kill "$gw" 2>/dev/null
     wait "$gw" 2>/dev/null
+}
+
+# testssl.sh's findings, as JSON. Every vulnerability it probes must be
+# OK; apart from what a self-signed test certificate and an HTTP-less echo
+# route are (chain of trust, expiry, revocation, HSTS, headers, CAA) and
+# rustls following the client's cipher order, nothing may be rated HIGH or
+# CRITICAL.
+testssl_scan() { # testssl_scan KIND PORT DIR
+    local kind=$1 port=$2 dir=$3
+    timeout 600 testssl --quiet --color 0 --warnings batch --jsonfile "$dir/testssl.json" \
+        "127.0.0.1:$port" >"$dir/testssl.txt" 2>&1
+    [ -s "$dir/testssl.json" ]
+    check "$kind: testssl.sh completed" $?
+    python3 - "$dir/testssl.json" >"$dir/testssl-verdict.txt" <<'PY'
+import json, sys
+findings = {f["id"]: f for f in json.load(open(sys.argv[1]))}
+vulns = ["heartbleed", "CCS", "ticketbleed", "ROBOT", "secure_renego", "secure_client_renego",
+         "CRIME_TLS", "BREACH", "POODLE_SSL", "fallback_SCSV", "SWEET32", "FREAK", "DROWN",
+         "LOGJAM", "BEAST", "LUCKY13", "RC4"]
+expected_high = {"cert_chain_of_trust", "cert_expirationStatus", "cert_notAfter", "cert_revocation",
+                 "cipher_order"}
+bad = [f"{v}: {findings[v]['severity']} {findings[v]['finding']}" if v in findings else f"{v}: missing"
+       for v in vulns if findings.get(v, {}).get("severity") != "OK"]
+bad += [f"{i}: {f['severity']} {f['finding']}" for i, f in findings.items()
+        if f["severity"] in ("HIGH", "CRITICAL") and i not in expected_high]
+for line in bad:
+    print(line)
+sys.exit(1 if bad else 0)
+PY
+    local rc=$?
+    sed 's/^/    /' "$dir/testssl-verdict.txt"
+    check "$kind: testssl.sh finds no vulnerability and nothing else rated high" $rc
 }
 
 scan rsa2048 -newkey rsa:2048
