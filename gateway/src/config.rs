@@ -11,6 +11,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use edgegate_link::proto::{
+    CLIENT_MESSAGE_OVERHEAD, MAX_FRAME_BYTES, MAX_FRAME_LENGTH, MAX_MESSAGE_BYTES, MIN_FRAME_BYTES,
+};
 use serde::Deserialize;
 
 // The auth section's checked form lives with the code that uses it, so auth
@@ -158,6 +161,8 @@ pub struct RawService {
     pub reconnect_min_ms: u64,
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    #[serde(default = "default_service_max_frame_bytes")]
+    pub max_frame_bytes: usize,
 }
 
 fn default_links() -> usize {
@@ -180,6 +185,10 @@ fn default_reconnect_min_ms() -> u64 {
 }
 fn default_reconnect_max_ms() -> u64 {
     10_000
+}
+/// What the reference service says in its `Hello` unless told otherwise.
+fn default_service_max_frame_bytes() -> usize {
+    MAX_FRAME_BYTES
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -372,6 +381,10 @@ pub struct ServiceConfig {
     pub ping_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// The link frame cap the service says in its `Hello`, as the operator
+    /// declares it: checked against `limits.max_message_bytes` here, and
+    /// against the service's actual `Hello` at link-up (a warning).
+    pub max_frame_bytes: usize,
 }
 
 /// What happens when a client's outbound queue is full.
@@ -690,6 +703,16 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
                 "must be longer than ping_interval_secs",
             ));
         }
+        if !(MIN_FRAME_BYTES..=MAX_FRAME_LENGTH).contains(&s.max_frame_bytes) {
+            return Err(invalid(
+                path,
+                key("max_frame_bytes"),
+                format!(
+                    "{} is outside the link protocol's range {MIN_FRAME_BYTES} to {MAX_FRAME_LENGTH}",
+                    s.max_frame_bytes
+                ),
+            ));
+        }
         services.push(ServiceConfig {
             name: s.name.clone(),
             addresses: s.addresses.clone(),
@@ -700,6 +723,7 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             ping_timeout: secs(path, &key("ping_timeout_secs"), s.ping_timeout_secs)?,
             reconnect_min: Duration::from_millis(s.reconnect_min_ms),
             reconnect_max: Duration::from_millis(s.reconnect_max_ms),
+            max_frame_bytes: s.max_frame_bytes,
         });
     }
 
@@ -796,13 +820,17 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     if l.max_clients == 0 {
         return Err(invalid(path, "limits.max_clients", "must be at least 1"));
     }
-    if l.max_message_bytes < 125 || l.max_message_bytes > 64 << 20 {
+    if !(125..=MAX_MESSAGE_BYTES).contains(&l.max_message_bytes) {
         return Err(invalid(
             path,
             "limits.max_message_bytes",
-            "must be between 125 and 67108864",
+            format!(
+                "{} is outside 125 to {MAX_MESSAGE_BYTES} (the largest message a link frame's u32 length can carry)",
+                l.max_message_bytes
+            ),
         ));
     }
+    check_frame_caps(path, &raw.service, l.max_message_bytes)?;
     if l.outbound_queue_messages == 0 {
         return Err(invalid(
             path,
@@ -924,6 +952,36 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         drain_window: Duration::from_secs(raw.drain.drain_window_secs),
         lb_grace: Duration::from_secs(raw.drain.lb_grace_secs),
     })
+}
+
+/// Refuses a `max_message_bytes` some service's link frame cap cannot carry:
+/// every client message crosses a link as one `ClientMessage` frame, so a
+/// message the gateway accepts but the service's cap refuses would only ever
+/// be answered with 1009. Names both numbers and the two keys that fix it.
+fn check_frame_caps(
+    path: &Path,
+    services: &[RawService],
+    max_message_bytes: usize,
+) -> Result<(), ConfigError> {
+    let needed = max_message_bytes + CLIENT_MESSAGE_OVERHEAD;
+    for (i, s) in services.iter().enumerate() {
+        if s.max_frame_bytes < needed {
+            return Err(invalid(
+                path,
+                format!("service[{i}].max_frame_bytes"),
+                format!(
+                    "service {:?} accepts link frames of up to {} bytes, but limits.max_message_bytes = {max_message_bytes} \
+                     needs {needed} (the message plus {CLIENT_MESSAGE_OVERHEAD} bytes of ClientMessage frame): \
+                     raise the service's own frame cap to at least {needed} and set service[{i}].max_frame_bytes to it, \
+                     or lower limits.max_message_bytes to at most {}",
+                    s.name,
+                    s.max_frame_bytes,
+                    s.max_frame_bytes - CLIENT_MESSAGE_OVERHEAD
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Default handshake permits per worker thread (`handshake_permits = 0`).
@@ -1121,6 +1179,24 @@ addresses = ["127.0.0.1:7000"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("listener[0].tls_cert_path"), "{err}");
+    }
+
+    #[test]
+    fn a_service_frame_cap_outside_the_protocols_range_names_the_key() {
+        let dir = tempdir("frame-cap-range");
+        for cap in [MIN_FRAME_BYTES - 1, MAX_FRAME_LENGTH + 1] {
+            let text = sample(&dir).replace(
+                "addresses = [\"127.0.0.1:7000\"]",
+                &format!("addresses = [\"127.0.0.1:7000\"]\nmax_frame_bytes = {cap}"),
+            );
+            let err = Config::from_toml(Path::new("t.toml"), &text, [])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("service[0].max_frame_bytes"), "{err}");
+            assert!(err.contains(&cap.to_string()), "{err}");
+        }
+        let c = Config::from_toml(Path::new("t.toml"), &sample(&dir), []).unwrap();
+        assert_eq!(c.services[0].max_frame_bytes, MAX_FRAME_BYTES);
     }
 
     #[test]

@@ -76,6 +76,78 @@ fn check_config_names_the_key_of_a_bad_value() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("route[0].path"));
 }
 
+/// A message the gateway accepts must fit one link frame the service
+/// accepts: `max_message_bytes` + 10 (the `ClientMessage` fields) against
+/// the service's declared cap, 16 MiB unless `[[service]] max_frame_bytes`
+/// says more.
+#[test]
+fn check_config_refuses_messages_the_services_frame_cap_cannot_carry() {
+    let twenty_mib = format!("{GOOD}\n[limits]\nmax_message_bytes = 20971520\n");
+    let out = edgegate()
+        .args(["check-config", "--config"])
+        .arg(temp("frame-cap", &twenty_mib))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    for says in [
+        "service[0].max_frame_bytes",
+        "limits.max_message_bytes = 20971520",
+        "needs 20971530",
+        "up to 16777216 bytes",
+        "at most 16777206",
+    ] {
+        assert!(err.contains(says), "{says:?} missing from: {err}");
+    }
+
+    let declared = twenty_mib.replace(
+        "addresses = [\"127.0.0.1:7000\"]",
+        "addresses = [\"127.0.0.1:7000\"]\nmax_frame_bytes = 20971530",
+    );
+    let out = edgegate()
+        .args(["check-config", "--config"])
+        .arg(temp("frame-cap-declared", &declared))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The link protocol's `u32` length bounds a message, whatever the caps.
+#[test]
+fn check_config_refuses_messages_no_link_frame_can_carry() {
+    let max = edgegate_link::proto::MAX_MESSAGE_BYTES;
+    let too_big = GOOD.replace(
+        "addresses = [\"127.0.0.1:7000\"]",
+        "addresses = [\"127.0.0.1:7000\"]\nmax_frame_bytes = 4294967295",
+    ) + &format!("\n[limits]\nmax_message_bytes = {}\n", max + 1);
+    let out = edgegate()
+        .args(["check-config", "--config"])
+        .arg(temp("frame-cap-u32", &too_big))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("limits.max_message_bytes") && err.contains(&max.to_string()),
+        "{err}"
+    );
+    let largest = too_big.replace(&(max + 1).to_string(), &max.to_string());
+    let out = edgegate()
+        .args(["check-config", "--config"])
+        .arg(temp("frame-cap-u32-ok", &largest))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn run_with_a_broken_config_exits_78_before_binding() {
     let bad = GOOD.replace("cert.pem", "missing.pem");

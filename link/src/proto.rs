@@ -52,9 +52,20 @@ pub const CLIENT_MESSAGE_OVERHEAD: usize = TYPE_BYTES + 8 + 1;
 /// longest topic a `u16` can describe (type, topic, kind).
 pub const MESSAGE_FRAME_OVERHEAD: usize = TYPE_BYTES + 2 + MAX_STRING_BYTES + 1;
 
+/// The largest frame `length` the `u32` length field can describe: no end can
+/// say, accept or send a larger frame, whatever its cap.
+pub const MAX_FRAME_LENGTH: usize = u32::MAX as usize;
+
+/// The largest message the link protocol can carry in every frame that
+/// carries one: [`MAX_FRAME_LENGTH`] less [`MESSAGE_FRAME_OVERHEAD`]. A
+/// gateway's `limits.max_message_bytes` above it could not be forwarded at
+/// all, so its config check refuses it.
+pub const MAX_MESSAGE_BYTES: usize = MAX_FRAME_LENGTH - MESSAGE_FRAME_OVERHEAD;
+
 /// The frame cap an end needs to receive messages of up to `max_message`
 /// bytes in any frame that carries one, and never less than
-/// [`MAX_FRAME_BYTES`].
+/// [`MAX_FRAME_BYTES`]. At most [`MAX_FRAME_LENGTH`] for messages up to
+/// [`MAX_MESSAGE_BYTES`].
 pub fn frame_cap_for_messages(max_message: usize) -> usize {
     max_message
         .saturating_add(MESSAGE_FRAME_OVERHEAD)

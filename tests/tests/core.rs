@@ -220,12 +220,15 @@ async fn oversized_message_is_closed_with_1009() {
 /// carry (the reference service takes frames up to 16 MiB; a 16 MiB message
 /// is a 16,777,226-byte `ClientMessage`) is refused for its client alone:
 /// 1009 to that client, the link and every other client on it untouched.
+/// The config declares a cap the service does not say (check-config
+/// refuses the combination otherwise).
 #[tokio::test]
 async fn a_message_over_the_services_frame_cap_closes_that_client_alone() {
     let service = ExampleService::start().await;
     let gw = GatewayBuilder::new(service.addr)
         .links(1)
         .limit("max_message_bytes", 20 * 1024 * 1024)
+        .service_key("max_frame_bytes", 20 * 1024 * 1024 + 10)
         .start()
         .await;
     let mut bystander = gw.connect("/echo").await;

@@ -192,10 +192,17 @@ async fn run_slot(
                 ));
                 info!(service = %config.name, link.id = link.id, %addr, peer = %service_name, instance, slot, max_frame_bytes, "link up");
                 let max_message = ctx.settings.load().limits.max_message_bytes;
-                if max_message + CLIENT_MESSAGE_OVERHEAD > max_frame_bytes {
+                let needed = max_message + CLIENT_MESSAGE_OVERHEAD;
+                if needed > max_frame_bytes {
+                    // check-config compared max_message_bytes with the cap the
+                    // config declares; the service said less than that.
                     warn!(
                         service = %config.name, link.id = link.id, max_frame_bytes, max_message_bytes = max_message,
-                        "the service accepts smaller frames than limits.max_message_bytes needs: client messages above {} bytes are refused with 1009",
+                        "service {:?} says in its Hello it accepts link frames of up to {max_frame_bytes} bytes, \
+                         but limits.max_message_bytes = {max_message} needs {needed}: client messages above {} bytes are refused with 1009. \
+                         Raise the service's own frame cap (the example service: --max-frame-bytes) to at least {needed} \
+                         and set [[service]] max_frame_bytes to what it says, or lower limits.max_message_bytes",
+                        config.name,
                         max_frame_bytes - CLIENT_MESSAGE_OVERHEAD
                     );
                 }

@@ -488,3 +488,13 @@ fn the_frame_cap_for_messages_covers_a_publish_with_the_longest_topic() {
     };
     assert_eq!(message.wire_len().unwrap(), max + CLIENT_MESSAGE_OVERHEAD);
 }
+
+#[test]
+fn the_largest_message_fills_the_largest_frame_a_u32_length_describes() {
+    assert_eq!(frame_cap_for_messages(MAX_MESSAGE_BYTES), MAX_FRAME_LENGTH);
+    assert_eq!(
+        u32::try_from(frame_cap_for_messages(MAX_MESSAGE_BYTES)),
+        Ok(u32::MAX)
+    );
+    assert!(frame_cap_for_messages(MAX_MESSAGE_BYTES + 1) > MAX_FRAME_LENGTH);
+}
