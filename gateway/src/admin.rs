@@ -65,43 +65,7 @@ pub struct GatewayView {
     probe: Arc<Probe>,
 }
 
-/// Why `/readyz` says no.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NotReady {
-    Draining,
-    NoLink { service: String, instances: usize },
-}
-
-impl std::fmt::Display for NotReady {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NotReady::Draining => f.write_str("draining"),
-            NotReady::NoLink { service, instances } => write!(
-                f,
-                "service {service} has no link up (0 of {instances} instances linked)"
-            ),
-        }
-    }
-}
-
-/// A service that is served, but not by all of its instances: `/readyz`
-/// still says ready and names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Degraded {
-    pub service: String,
-    pub linked: usize,
-    pub instances: usize,
-}
-
-impl std::fmt::Display for Degraded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "service {}: {} of {} instances linked",
-            self.service, self.linked, self.instances
-        )
-    }
-}
+pub use crate::readiness::{Degraded, NotReady};
 
 impl GatewayView {
     pub fn new(
@@ -172,25 +136,7 @@ impl GatewayView {
     /// # Errors
     /// The first reason it is not.
     pub fn readiness(&self) -> Result<Vec<Degraded>, NotReady> {
-        if self.lifecycle.is_leaving() {
-            return Err(NotReady::Draining);
-        }
-        if let Some(p) = self.pools.iter().find(|p| p.links_up() == 0) {
-            return Err(NotReady::NoLink {
-                service: p.name.to_string(),
-                instances: p.instances(),
-            });
-        }
-        Ok(self
-            .pools
-            .iter()
-            .filter(|p| p.instances_linked() < p.instances())
-            .map(|p| Degraded {
-                service: p.name.to_string(),
-                linked: p.instances_linked(),
-                instances: p.instances(),
-            })
-            .collect())
+        crate::readiness::readiness(&self.lifecycle, &self.pools)
     }
 
     pub fn is_ready(&self) -> bool {

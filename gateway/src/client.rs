@@ -79,6 +79,8 @@ pub struct ListenerCtx {
     pub tls: ReloadableAcceptor,
     /// Which TLS stream the clients get (`tls_stream`).
     pub tls_stream: TlsStreamKind,
+    /// The path answered by readiness instead of routed (`health_path`).
+    pub health_path: Option<Box<str>>,
     /// The handshake permits shared by every listener (see `listener::accept_loop`).
     pub permits: Arc<Semaphore>,
     pub shared: Arc<Shared>,
@@ -160,7 +162,7 @@ pub async fn serve(
         Protocol::WebSocket => {
             let (ws, admission) = match Box::pin(upgrade_phase(tls, &ctx, &settings)).await {
                 Ok(upgraded) => upgraded,
-                Err(Counted) => return shared.admission.release(addr.ip()),
+                Err(Ended) => return shared.admission.release(addr.ip()),
             };
             session_started(shared, protocol, started);
             let pool = ctx.services[admission.service].clone();
@@ -169,7 +171,7 @@ pub async fn serve(
         Protocol::Framed => {
             let (client, admission) = match Box::pin(hello_phase(tls, &ctx, &settings)).await {
                 Ok(opened) => opened,
-                Err(Counted) => return shared.admission.release(addr.ip()),
+                Err(Ended) => return shared.admission.release(addr.ip()),
             };
             session_started(shared, protocol, started);
             let pool = ctx.services[admission.service].clone();
@@ -180,14 +182,15 @@ pub async fn serve(
     shared.admission.release(addr.ip());
 }
 
-/// A handshake phase failed and counted its failure (and lingered, when it
-/// answered the client): the connection is gone.
-struct Counted;
+/// The connection ended during the handshake phases: a failure was counted
+/// where it was one (not for a health probe), and an answered client was
+/// let go with a lingering close.
+struct Ended;
 
 /// Counts a failed handshake phase.
-fn counted(shared: &Shared, phase: Phase) -> Counted {
+fn counted(shared: &Shared, phase: Phase) -> Ended {
     shared.metrics.handshake_failed(phase);
-    Counted
+    Ended
 }
 
 fn handshake_failed(shared: &Shared, addr: SocketAddr, phase: Phase) {
@@ -367,6 +370,8 @@ enum NoUpgrade {
     Refused(Refusal),
     /// The connection failed or ended before a whole request arrived.
     Gone,
+    /// A load balancer's probe of the listener's `health_path`, answered.
+    Health(Box<ErrorResponse>),
 }
 
 /// HTTP upgrade with routing, Origin and token checks, bounded by
@@ -380,9 +385,12 @@ async fn upgrade_phase(
     mut tls: ClientTls,
     ctx: &ListenerCtx,
     settings: &Settings,
-) -> Result<(ClientWs, Admission), Counted> {
+) -> Result<(ClientWs, Admission), Ended> {
     let opened = timeout(settings.limits.upgrade_timeout, async {
         let (request, rest) = read_request(&mut tls).await?;
+        if ctx.health_path.as_deref() == Some(request.uri().path()) {
+            return Err(NoUpgrade::Health(health_answer(&request, ctx)));
+        }
         let (response, admission) = judge(&request, ctx, settings).map_err(NoUpgrade::Refused)?;
         let mut head = Vec::with_capacity(160);
         tokio_tungstenite::tungstenite::handshake::server::write_response(&mut head, &response)
@@ -412,6 +420,13 @@ async fn upgrade_phase(
                 Box::pin(crate::linger::linger(&mut tls)).await;
             }
             Err(failed)
+        }
+        Ok(Err(NoUpgrade::Health(response))) => {
+            // A probe, not a failed client: answered, not counted.
+            if let Ok(Ok(())) = timeout(CLOSE_TIMEOUT, answer(&mut tls, &response)).await {
+                Box::pin(crate::linger::linger(&mut tls)).await;
+            }
+            Err(Ended)
         }
         Ok(Err(NoUpgrade::Gone)) => {
             debug!("connection ended before a whole request");
@@ -488,6 +503,35 @@ fn to_http_request(parsed: &httparse::Request<'_, '_>) -> Result<Request, NoUpgr
         request = request.header(h.name, h.value);
     }
     request.body(()).map_err(|_| bad())
+}
+
+/// The answer to a probe of the listener's `health_path`: 200 while ready
+/// for clients of the services this listener routes to, 503 (with the
+/// reason) while leaving, draining, or with a service unlinked; one rule
+/// with the admin endpoint's `/readyz` ([`crate::readiness`]).
+fn health_answer(request: &Request, ctx: &ListenerCtx) -> Box<ErrorResponse> {
+    use tokio_tungstenite::tungstenite::http::Method;
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut r = http_error(StatusCode::METHOD_NOT_ALLOWED, "a health probe is a GET");
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return Box::new(r);
+    }
+    let mut served: Vec<usize> = ctx.routes.values().copied().collect();
+    served.sort_unstable();
+    served.dedup();
+    let pools = served.iter().map(|&i| &ctx.services[i]);
+    let mut r = match crate::readiness::readiness(&ctx.shared.lifecycle, pools) {
+        Ok(_) => http_error(StatusCode::OK, "ready"),
+        Err(why) => http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("not ready: {why}"),
+        ),
+    };
+    if request.method() == Method::HEAD {
+        *r.body_mut() = None;
+    }
+    Box::new(r)
 }
 
 /// Route, method, upgrade headers, Origin, token: the 101 response and the
@@ -569,7 +613,7 @@ async fn hello_phase(
     tls: ClientTls,
     ctx: &ListenerCtx,
     settings: &Settings,
-) -> Result<(ClientFramed, Admission), Counted> {
+) -> Result<(ClientFramed, Admission), Ended> {
     let limits = &settings.limits;
     let mut client = Box::new(FramedClient::new(*tls, limits.max_message_bytes));
     let hello = match timeout(limits.upgrade_timeout, client.read_hello()).await {
@@ -632,12 +676,7 @@ async fn hello_phase(
 
 /// Sends a refused framed client its Close frame (bounded), then lingers.
 /// The failure is counted by the caller before it is answered.
-async fn refuse_framed(
-    mut client: ClientFramed,
-    failed: Counted,
-    code: u16,
-    reason: &str,
-) -> Counted {
+async fn refuse_framed(mut client: ClientFramed, failed: Ended, code: u16, reason: &str) -> Ended {
     if let Ok(Ok(())) = timeout(CLOSE_TIMEOUT, client.send(close_message(code, reason))).await {
         Box::pin(crate::linger::linger(client.get_mut())).await;
     }

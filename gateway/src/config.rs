@@ -120,6 +120,8 @@ pub struct RawListener {
     pub tls_key_path: PathBuf,
     #[serde(default = "default_tls_stream")]
     pub tls_stream: String,
+    #[serde(default)]
+    pub health_path: Option<String>,
 }
 
 fn default_protocol() -> String {
@@ -366,6 +368,9 @@ pub struct ListenerConfig {
     pub tls_cert_path: PathBuf,
     pub tls_key_path: PathBuf,
     pub tls_stream: TlsStreamKind,
+    /// A path answered 200/503 by readiness instead of routed (websocket
+    /// listeners only), for load balancers that probe only the client port.
+    pub health_path: Option<String>,
     /// Path → index into [`Config::services`].
     pub routes: HashMap<String, usize>,
 }
@@ -463,6 +468,9 @@ impl Config {
             }
             if l.tls_stream != old.tls_stream {
                 keys.push(format!("listener.{name}.tls_stream"));
+            }
+            if l.health_path != old.health_path {
+                keys.push(format!("listener.{name}.health_path"));
             }
             let routes = |c: &Config, l: &ListenerConfig| {
                 let mut r: Vec<(String, String)> = l
@@ -774,6 +782,22 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        if let Some(h) = &l.health_path {
+            if protocol != Protocol::WebSocket {
+                return Err(invalid(
+                    path,
+                    key("health_path"),
+                    "only a websocket listener answers HTTP",
+                ));
+            }
+            if !h.starts_with('/') || h.contains(['?', '#', ' ']) {
+                return Err(invalid(
+                    path,
+                    key("health_path"),
+                    format!("{h:?}: must be a path such as \"/healthz\""),
+                ));
+            }
+        }
         readable(path, &key("tls_cert_path"), &l.tls_cert_path)?;
         readable(path, &key("tls_key_path"), &l.tls_key_path)?;
         listeners.push(ListenerConfig {
@@ -784,6 +808,7 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             tls_cert_path: l.tls_cert_path.clone(),
             tls_key_path: l.tls_key_path.clone(),
             tls_stream,
+            health_path: l.health_path.clone(),
             routes: HashMap::new(),
         });
     }
@@ -806,6 +831,13 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         };
         if !r.path.starts_with('/') {
             return Err(invalid(path, key("path"), "must start with '/'"));
+        }
+        if listener.health_path.as_deref() == Some(r.path.as_str()) {
+            return Err(invalid(
+                path,
+                key("path"),
+                format!("{:?} is listener {:?}'s health_path", r.path, listener.name),
+            ));
         }
         if listener.routes.insert(r.path.clone(), service).is_some() {
             return Err(invalid(
@@ -1159,6 +1191,28 @@ addresses = ["127.0.0.1:7000"]
             .to_string();
         assert!(err.contains("listener[0].tls_stream"), "{err}");
         assert!(err.contains("\"rustls\" or \"lean\""), "{err}");
+    }
+
+    #[test]
+    fn health_path_is_off_by_default_and_checked() {
+        let dir = tempdir("health-path");
+        let parse = |text: &str| Config::from_toml(Path::new("t.toml"), text, []).unwrap();
+        let c = parse(&sample(&dir));
+        assert_eq!(c.listeners[0].health_path, None);
+        let with = |h: &str| {
+            sample(&dir).replace(
+                "tls_key_path",
+                &format!("health_path = \"{h}\"\ntls_key_path"),
+            )
+        };
+        let c = parse(&with("/healthz"));
+        assert_eq!(c.listeners[0].health_path.as_deref(), Some("/healthz"));
+        for (bad, why) in [("healthz", "must be a path"), ("/echo", "health_path")] {
+            let err = Config::from_toml(Path::new("t.toml"), &with(bad), [])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -275,6 +275,7 @@ impl Gateway {
                 services: pools.clone(),
                 tls: ReloadableAcceptor::new(tls),
                 tls_stream: l.tls_stream,
+                health_path: l.health_path.as_deref().map(Box::from),
                 permits: permits.clone(),
                 shared: shared.clone(),
             });

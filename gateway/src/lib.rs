@@ -34,6 +34,8 @@
 //! - [`links`]: link pools (`links` per service instance), dialling, the link
 //!   reader and dispatch; it gets a narrow `LinkContext`, not `Shared`. The
 //!   writer is the link crate's.
+//! - [`readiness`]: ready for clients or not, one rule for `/readyz` and a
+//!   listener's `health_path`.
 //! - [`framed`]: the framed client protocol as a stream of messages.
 //! - [`client`]: one client's life: TLS → upgrade (or framed Hello) → session → close.
 //! - [`listener`]: bind with backlog; the accept loop (permit, cap, spawn).
@@ -83,6 +85,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod preflight;
 pub mod process;
+pub mod readiness;
 pub mod registry;
 pub mod runtime;
 pub mod scheduler;

@@ -215,6 +215,7 @@ pub struct GatewayBuilder {
     /// [`fixture::TLS_STREAM_ENV`]).
     tls_stream: Option<&'static str>,
     service_keys: Vec<(String, String)>,
+    listener_keys: Vec<(String, String)>,
 }
 
 impl GatewayBuilder {
@@ -231,12 +232,19 @@ impl GatewayBuilder {
             backlog: 1024,
             tls_stream: None,
             service_keys: Vec::new(),
+            listener_keys: Vec::new(),
         }
     }
 
     /// Sets a `[[service]]` key of the test service (value as TOML).
     pub fn service_key(mut self, key: &str, value: impl ToString) -> Self {
         self.service_keys.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// Sets a `[[listener]]` key of the test listener (value as TOML).
+    pub fn listener_key(mut self, key: &str, value: impl ToString) -> Self {
+        self.listener_keys.push((key.into(), value.to_string()));
         self
     }
 
@@ -316,6 +324,8 @@ impl GatewayBuilder {
         if let Some(kind) = self.tls_stream {
             g.listener_keys.push(format!("tls_stream = \"{kind}\""));
         }
+        g.listener_keys
+            .extend(self.listener_keys.iter().map(|(k, v)| format!("{k} = {v}")));
         g.service_keys = [
             "ping_interval_secs = 1",
             "ping_timeout_secs = 3",

@@ -337,3 +337,68 @@ fn service_addr_of(gw: &edgegate_tests::TestGateway) -> std::net::SocketAddr {
         .parse()
         .expect("service address")
 }
+
+/// `method path` over TLS on the gateway's client port; the status and the
+/// body, read until the gateway closes.
+async fn client_port_request(
+    gw: &edgegate_tests::TestGateway,
+    method: &str,
+    path: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut tls = gw
+        .cert
+        .connector()
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("tls handshake");
+    tls.write_all(format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut raw))
+        .await
+        .expect("the gateway answers and closes");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// For load balancers that can probe only the client port: the listener's
+/// `health_path` answers over TLS with the readiness `/readyz` uses (200
+/// while ready, 503 while leaving), never upgrades, and is not counted as a
+/// failed client; routes still upgrade beside it.
+#[tokio::test]
+async fn health_path_on_the_client_port_answers_readiness_over_tls() {
+    let service = ExampleService::start().await;
+    let gw = GatewayBuilder::new(service.addr)
+        .links(1)
+        .listener_key("health_path", "\"/lb-check\"")
+        .start()
+        .await;
+    let (status, body) = client_port_request(&gw, "GET", "/lb-check").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (status, body) = client_port_request(&gw, "HEAD", "/lb-check").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    let (status, _) = client_port_request(&gw, "POST", "/lb-check").await;
+    assert_eq!(status, 405);
+    let mut ws = gw.connect("/echo").await;
+    ws.send(Message::text("still routed")).await.unwrap();
+    let echoed = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, Message::text("still routed"));
+
+    gw.gateway().shared().lifecycle.leave();
+    let (status, body) = client_port_request(&gw, "GET", "/lb-check").await;
+    assert_eq!((status, body.as_str()), (503, "not ready: draining\n"));
+    let failures = gw.metric("edgegate_handshake_failures_total", "");
+    assert_eq!(failures, 0.0, "probes are not failed clients");
+}
