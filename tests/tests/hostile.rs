@@ -514,6 +514,102 @@ async fn tls_1_0_and_1_1_offers_are_refused_with_a_protocol_version_alert() {
     assert_eq!(failures(&gw, "tls"), 2.0);
 }
 
+/// The client's cipher order is honoured (every suite offered is an AEAD
+/// with forward secrecy): a client that prefers ChaCha20 gets it, one that
+/// prefers AES-GCM gets that, on TLS 1.3 and 1.2; and nothing but AEAD,
+/// forward-secret suites is offered at all.
+#[tokio::test]
+async fn the_client_cipher_order_is_honoured_and_every_suite_is_aead_with_forward_secrecy() {
+    use rustls::crypto::ring::cipher_suite as cs;
+    use rustls_pki_types::pem::PemObject;
+    let service = EventService::start().await;
+    let gw = gateway(&service).await;
+    let negotiated = |suites: Vec<rustls::SupportedCipherSuite>,
+                      version: &'static rustls::SupportedProtocolVersion| {
+        let gw = &gw;
+        async move {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pki_types::CertificateDer::pem_slice_iter(gw.cert.cert_pem.as_bytes()) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let mut provider = rustls::crypto::ring::default_provider();
+            provider.cipher_suites = suites;
+            let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let tcp = TcpStream::connect(gw.addr).await.unwrap();
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .expect("tls handshake");
+            tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+        }
+    };
+    let v13 = &rustls::version::TLS13;
+    let v12 = &rustls::version::TLS12;
+    for (offer, version, want) in [
+        (
+            vec![
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+                cs::TLS13_AES_256_GCM_SHA384,
+            ],
+            v13,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+        (
+            vec![
+                cs::TLS13_AES_128_GCM_SHA256,
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+            ],
+            v13,
+            cs::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            ],
+            v12,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ),
+        (
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            ],
+            v12,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+    ] {
+        let got = negotiated(offer, version).await;
+        assert_eq!(got, want.suite());
+    }
+    // What the gateway's config offers: each suite an AEAD (GCM or
+    // ChaCha20-Poly1305) with ECDHE (TLS 1.2) or TLS 1.3.
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(&gw.cert.cert_path)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&gw.cert.key_path).unwrap();
+    let config = edgegate::tls::server_config_from(certs, key).unwrap();
+    assert!(!config.ignore_client_order);
+    let suites = &config.crypto_provider().cipher_suites;
+    assert!(!suites.is_empty());
+    for suite in suites {
+        let name = format!("{:?}", suite.suite());
+        assert!(
+            name.starts_with("TLS13_") || name.starts_with("TLS_ECDHE_"),
+            "{name}"
+        );
+        assert!(
+            name.contains("GCM") || name.contains("CHACHA20_POLY1305"),
+            "{name}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn tls_1_2_offer_of_only_weak_cipher_suites_is_refused_with_a_handshake_failure_alert() {
     let service = EventService::start().await;
