@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use edgegate_link::example::{run_example_service_with, EXAMPLE_SERVICE_NAME};
+use edgegate_link::service::ServiceConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -121,8 +123,13 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
             source,
         })?;
     let stop = CancellationToken::new();
-    let service = tokio::spawn(edgegate_link::example::run_example_service(
+    // The service says the frame cap the config declares for it, which
+    // check-config has compared with max_message_bytes.
+    let mut service_config = ServiceConfig::new(EXAMPLE_SERVICE_NAME);
+    service_config.max_frame_bytes = config.services[0].max_frame_bytes;
+    let service = tokio::spawn(run_example_service_with(
         service_listener,
+        service_config,
         stop.clone(),
     ));
     let signals = crate::shutdown::Signals::install()?;

@@ -116,6 +116,51 @@ fn check_config_refuses_messages_the_services_frame_cap_cannot_carry() {
     );
 }
 
+/// A service that says less in its `Hello` than the config declares: the
+/// gateway runs, and says at link-up which numbers disagree and what to
+/// raise. The example service with its default 16 MiB cap, behind a config
+/// that declares 20 MiB + 10 for a 20 MiB `max_message_bytes`.
+#[tokio::test]
+async fn run_warns_at_link_up_when_the_service_says_a_smaller_frame_cap() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_service = stop.clone().drop_guard();
+    tokio::spawn(edgegate_link::example::run_example_service(listener, stop));
+    let text = GOOD.replace(
+        "addresses = [\"127.0.0.1:7000\"]",
+        &format!("addresses = [\"{service}\"]\nlinks = 1\nmax_frame_bytes = 20971530"),
+    ) + "\n[limits]\nmax_message_bytes = 20971520\n\n[admin]\nbind = \"127.0.0.1:0\"\ncontrol_socket = \"\"\n";
+    let config = temp("link-up-cap", &text);
+    let log = config.with_file_name("stderr.log");
+    let mut child = edgegate()
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("EDGEGATE_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut err = String::new();
+    while std::time::Instant::now() < deadline && !err.contains("needs 20971530") {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        err = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for says in [
+        "up to 16777216 bytes",
+        "limits.max_message_bytes = 20971520 needs 20971530",
+        "above 16777206 bytes are refused with 1009",
+        "--max-frame-bytes",
+        "[[service]] max_frame_bytes",
+    ] {
+        assert!(err.contains(says), "{says:?} missing from: {err}");
+    }
+}
+
 /// The link protocol's `u32` length bounds a message, whatever the caps.
 #[test]
 fn check_config_refuses_messages_no_link_frame_can_carry() {

@@ -1,7 +1,9 @@
 //! The example service: `/echo` and `/chat`, enough to see a gateway work.
 //!
-//! `edgegate demo` and the tests run [`run_example_service`]; the
-//! `example_service` binary in `link/examples/` runs it on its own.
+//! `edgegate demo` and the tests run [`run_example_service`] (or
+//! [`run_example_service_with`], to set its frame cap); the
+//! `example_service` binary in `link/examples/` runs it on its own
+//! (`--max-frame-bytes`).
 //!
 //! | route | behaviour |
 //! |---|---|
@@ -41,7 +43,8 @@ enum Route {
     Chat,
 }
 
-/// Runs the example service on `listener` until `shutdown` is cancelled and
+/// Runs the example service on `listener` with the defaults of
+/// [`ServiceConfig::new`] (16 MiB frames) until `shutdown` is cancelled and
 /// every link has closed.
 ///
 /// # Errors
@@ -51,8 +54,25 @@ pub async fn run_example_service(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let (service, mut events) =
-        Service::start(listener, ServiceConfig::new(EXAMPLE_SERVICE_NAME), shutdown)?;
+    let config = ServiceConfig::new(EXAMPLE_SERVICE_NAME);
+    run_example_service_with(listener, config, shutdown).await
+}
+
+/// As [`run_example_service`], with `config`: start from
+/// `ServiceConfig::new(EXAMPLE_SERVICE_NAME)` and change what you need, e.g.
+/// a larger `max_frame_bytes` (said in the service's `Hello`) so that links
+/// carry a gateway's larger `limits.max_message_bytes`.
+///
+/// # Errors
+///
+/// Fails when the listener's local address cannot be read, or when `config`
+/// is out of range (`max_frame_bytes` below the protocol's minimum).
+pub async fn run_example_service_with(
+    listener: TcpListener,
+    config: ServiceConfig,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let (service, mut events) = Service::start(listener, config, shutdown)?;
     let mut clients: HashMap<(LinkId, ClientId), Route> = HashMap::new();
     while let Some(event) = events.recv().await {
         handle(&service, &mut clients, event).await;

@@ -25,6 +25,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::Response;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
@@ -170,10 +171,24 @@ impl ExampleService {
     }
 
     pub fn start_on(listener: TcpListener) -> Self {
+        let config = ServiceConfig::new(edgegate_link::example::EXAMPLE_SERVICE_NAME);
+        Self::start_with(listener, config)
+    }
+
+    /// The example service saying `max_frame_bytes` in its `Hello`.
+    pub async fn start_with_max_frame_bytes(max_frame_bytes: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut config = ServiceConfig::new(edgegate_link::example::EXAMPLE_SERVICE_NAME);
+        config.max_frame_bytes = max_frame_bytes;
+        Self::start_with(listener, config)
+    }
+
+    pub fn start_with(listener: TcpListener, config: ServiceConfig) -> Self {
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(edgegate_link::example::run_example_service(
+        let task = tokio::spawn(edgegate_link::example::run_example_service_with(
             listener,
+            config,
             stop.clone(),
         ));
         Self {
@@ -528,8 +543,12 @@ pub async fn ws_connect(
             v.parse().unwrap(),
         );
     }
+    // Frames as large as a message (64 MiB), as browsers take them:
+    // tungstenite's 16 MiB frame default would refuse a large echo that
+    // the gateway sends as one frame.
+    let config = WebSocketConfig::default().max_frame_size(None);
     let (ws, _resp): (WsClient, Response<Option<Vec<u8>>>) =
-        tokio_tungstenite::client_async(req, tls).await?;
+        tokio_tungstenite::client_async_with_config(req, tls, Some(config)).await?;
     Ok(ws)
 }
 

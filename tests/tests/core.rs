@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use edgegate_link::proto::{Frame, Kind};
+use edgegate_link::proto::{Frame, Kind, CLIENT_MESSAGE_OVERHEAD};
 use edgegate_link::service::Event;
 use edgegate_tests::{
     close_code, eventually, refused_status, EventService, ExampleService, GatewayBuilder, WsClient,
@@ -216,32 +216,93 @@ async fn oversized_message_is_closed_with_1009() {
     );
 }
 
+/// `limits.max_message_bytes` of the large-message tests: 20 MiB, above
+/// what the reference service's default 16 MiB frame cap carries.
+const TWENTY_MIB: usize = 20 * 1024 * 1024;
+/// The frame cap that carries [`TWENTY_MIB`] messages: the message plus
+/// the `ClientMessage` fields.
+const TWENTY_MIB_CAP: usize = TWENTY_MIB + CLIENT_MESSAGE_OVERHEAD;
+/// A message within [`TWENTY_MIB`] but over the default 16 MiB cap.
+const EIGHTEEN_MIB: usize = 18 * 1024 * 1024;
+/// Bound on an 18 MiB echo through TLS, the gateway and a link, both ways.
+const BIG_WAIT: Duration = Duration::from_secs(60);
+
+/// The next data or close message, waiting up to [`BIG_WAIT`].
+async fn recv_big(ws: &mut WsClient) -> Message {
+    loop {
+        let m = tokio::time::timeout(BIG_WAIT, ws.next())
+            .await
+            .expect("message in time")
+            .expect("stream open")
+            .expect("no error");
+        if !matches!(m, Message::Ping(_) | Message::Pong(_)) {
+            return m;
+        }
+    }
+}
+
 /// A message the gateway accepts but the service's link frame cap cannot
-/// carry (the reference service takes frames up to 16 MiB; a 16 MiB message
-/// is a 16,777,226-byte `ClientMessage`) is refused for its client alone:
-/// 1009 to that client, the link and every other client on it untouched.
-/// The config declares a cap the service does not say (check-config
-/// refuses the combination otherwise).
+/// carry (the example service takes frames up to 16 MiB unless told more;
+/// an 18 MiB message is an 18,874,378-byte `ClientMessage`) is refused for
+/// its client alone: 1009 to that client, the link and every other client
+/// on it untouched. The config declares a cap the service does not say
+/// (check-config refuses the combination otherwise).
 #[tokio::test]
 async fn a_message_over_the_services_frame_cap_closes_that_client_alone() {
     let service = ExampleService::start().await;
     let gw = GatewayBuilder::new(service.addr)
         .links(1)
-        .limit("max_message_bytes", 20 * 1024 * 1024)
-        .service_key("max_frame_bytes", 20 * 1024 * 1024 + 10)
+        .limit("max_message_bytes", TWENTY_MIB)
+        .service_key("max_frame_bytes", TWENTY_MIB_CAP)
         .start()
         .await;
     let mut bystander = gw.connect("/echo").await;
     let mut big = gw.connect("/echo").await;
-    big.send(Message::binary(vec![7u8; 16 * 1024 * 1024]))
+    big.send(Message::binary(vec![7u8; EIGHTEEN_MIB]))
         .await
         .unwrap();
-    assert_eq!(close_code(&mut big, WAIT).await, Some(1009));
+    assert_eq!(close_code(&mut big, BIG_WAIT).await, Some(1009));
     bystander.send(Message::text("still here")).await.unwrap();
     assert_eq!(recv(&mut bystander).await, Message::text("still here"));
     assert_eq!(gw.gateway().links_up("svc"), 1);
     assert_eq!(
         gw.metric("edgegate_clients_closed_total", "reason=\"link_lost\""),
+        0.0
+    );
+}
+
+/// Issue 28 item 9: the example service started with a frame cap sized
+/// from the gateway's `max_message_bytes` (`--max-frame-bytes` on its
+/// command line) carries every message the gateway accepts: an 18 MiB
+/// message comes back whole, byte for byte, and a bystander on the same
+/// link keeps echoing. Before it had a fixed 16 MiB cap and this client got
+/// 1009.
+#[tokio::test]
+async fn an_example_service_with_a_larger_frame_cap_echoes_what_the_gateway_allows() {
+    let service = ExampleService::start_with_max_frame_bytes(TWENTY_MIB_CAP).await;
+    let gw = GatewayBuilder::new(service.addr)
+        .links(1)
+        .limit("max_message_bytes", TWENTY_MIB)
+        .service_key("max_frame_bytes", TWENTY_MIB_CAP)
+        .start()
+        .await;
+    let mut bystander = gw.connect("/echo").await;
+    let mut big = gw.connect("/echo").await;
+    // Not one repeated byte: a reordered or dropped chunk would show.
+    let payload: Vec<u8> = (0..EIGHTEEN_MIB).map(|i| (i % 251) as u8).collect();
+    big.send(Message::binary(payload.clone())).await.unwrap();
+    match recv_big(&mut big).await {
+        Message::Binary(echoed) => assert!(echoed == payload, "18 MiB echo differs"),
+        other => panic!("expected the 18 MiB echo, got {other:?}"),
+    }
+    bystander.send(Message::text("still here")).await.unwrap();
+    assert_eq!(recv(&mut bystander).await, Message::text("still here"));
+    assert_eq!(gw.gateway().links_up("svc"), 1);
+    assert_eq!(
+        gw.metric(
+            "edgegate_clients_closed_total",
+            "reason=\"message_too_big\""
+        ),
         0.0
     );
 }
