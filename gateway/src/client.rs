@@ -777,8 +777,7 @@ async fn run_session<S: ClientStream>(
         limits.outbound_queue_messages,
         limits.slow_reader_policy,
     ));
-    shared.clients.insert(handle.clone());
-    link.bind();
+    link.bind(&shared.clients, handle.clone());
     if shared.lifecycle.is_draining() {
         handle.outbox.close(CloseReason::Shutdown);
     }

@@ -19,8 +19,10 @@
 //!   `link_backpressure_timeout_secs` is closed with 1013.
 //! - When a link drops, every client bound to it is closed with 1012 (service
 //!   restart): frames in flight may be lost and the service has lost its state
-//!   for them, so the client must reconnect and open again. Clients of other
-//!   links and other instances are untouched.
+//!   for them, so the client must reconnect and open again. That includes a
+//!   client that picked the link just as it dropped ([`LinkHandle::bind`]
+//!   says why none is missed). Clients of other links and other instances
+//!   are untouched.
 //! - While a service has no link up, new clients are closed with 1013 right
 //!   after the upgrade.
 //! - A link that sends nothing (not even a pong) for `ping_timeout_secs` is

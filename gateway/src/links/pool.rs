@@ -2,12 +2,16 @@
 //! of a link for a new client (the least loaded up link over all
 //! instances, ties in turn).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use edgegate_link::proto::Frame;
 use parking_lot::RwLock;
 use tokio::sync::mpsc;
+
+use crate::close::CloseReason;
+use crate::outbox::ClientHandle;
+use crate::registry::ClientRegistry;
 
 /// One live link: what clients bound to it hold.
 #[derive(Debug)]
@@ -23,6 +27,10 @@ pub struct LinkHandle {
     /// Clients bound to this link now: its load, for [`ServicePool::pick`].
     /// Which clients they are is kept once, in each `ClientHandle::link_id`.
     bound: AtomicUsize,
+    /// Set by the link's teardown before it looks for the clients bound to
+    /// it, so a client that binds too late for that look sees it instead
+    /// (see [`LinkHandle::bind`]).
+    down: AtomicBool,
 }
 
 impl LinkHandle {
@@ -38,15 +46,39 @@ impl LinkHandle {
             tx,
             max_frame_bytes,
             bound: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
         }
     }
 
-    /// Counts a client bound to this link (its `ClientHandle::link_id`).
-    pub fn bind(&self) {
+    /// Binds `client` (whose `link_id` is this link's) to this link: puts it
+    /// in `clients`, where the link's frames and its teardown find it, and
+    /// counts it. A client that binds to a link already going down is closed
+    /// here with 1012, as the teardown closes those it finds.
+    ///
+    /// No client stays bound to a dead link: the teardown marks the link
+    /// down, then scans each registry shard under its lock; the client is
+    /// inserted under its shard's lock, then reads the mark. Either the
+    /// scan of its shard comes after the insert and finds it, or it came
+    /// before, and the mark (stored before that scan took the lock the
+    /// insert then took) is seen here.
+    pub fn bind(&self, clients: &ClientRegistry, client: Arc<ClientHandle>) {
+        debug_assert_eq!(client.link_id, self.id, "bound to another link");
         self.bound.fetch_add(1, Ordering::Relaxed);
+        clients.insert(client.clone());
+        if self.down.load(Ordering::Acquire) {
+            client.outbox.close(CloseReason::LinkLost);
+        }
     }
 
-    /// Forgets a client counted by [`LinkHandle::bind`].
+    /// Marks the link down: from now on [`LinkHandle::bind`] closes the
+    /// clients that bind to it. The teardown calls this before it looks
+    /// for the clients already bound.
+    pub(super) fn mark_down(&self) {
+        self.down.store(true, Ordering::Release);
+    }
+
+    /// Forgets a client counted by [`LinkHandle::bind`] (the caller removes
+    /// it from the registry).
     pub fn unbind(&self) {
         self.bound.fetch_sub(1, Ordering::Relaxed);
     }
@@ -158,6 +190,12 @@ impl ServicePool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SlowReaderPolicy;
+
+    fn bind_one(clients: &ClientRegistry, link: &LinkHandle, id: u64) {
+        let client = ClientHandle::new(id, link.id, 1, SlowReaderPolicy::Close);
+        link.bind(clients, Arc::new(client));
+    }
 
     fn up(pool: &ServicePool, instance: usize, slot: usize, id: u64) -> Arc<LinkHandle> {
         let (tx, _rx) = mpsc::channel(1);
@@ -169,20 +207,21 @@ mod tests {
     #[test]
     fn a_client_goes_to_the_least_loaded_up_link_of_any_instance() {
         let pool = ServicePool::new("s", &["a:1".into(), "b:1".into(), "c:1".into()], 1);
+        let clients = ClientRegistry::default();
         assert!(pool.pick().is_none(), "no link up");
         let a = up(&pool, 0, 0, 1);
         let b = up(&pool, 1, 0, 2);
         assert_eq!((pool.instances_linked(), pool.instances()), (2, 3));
         // Equal loads: in turn.
         let first = pool.pick().unwrap();
-        first.bind();
+        bind_one(&clients, &first, 1);
         let second = pool.pick().unwrap();
-        second.bind();
+        bind_one(&clients, &second, 2);
         assert_ne!(first.id, second.id);
         // A restarted instance has no clients: it gets the next one.
         let c = up(&pool, 2, 0, 3);
         let next = pool.pick().unwrap();
-        next.bind();
+        bind_one(&clients, &next, 3);
         assert_eq!(next.id, 3);
         assert_eq!((a.load(), b.load(), c.load()), (1, 1, 1));
         pool.set(2, 0, None);

@@ -216,7 +216,7 @@ async fn run_slot(
                     return;
                 }
                 warn!(service = %config.name, link.id = link.id, %addr, reason = %end, clients = link.load(), "link down; closing its clients with 1012");
-                close_bound(&ctx.clients, link.id).await;
+                close_bound(&ctx.clients, &link).await;
             }
             Err(e) => {
                 failures += 1;
@@ -235,12 +235,15 @@ async fn run_slot(
     }
 }
 
-/// Closes every client bound to link `id` with 1012. The registry is walked
-/// shard by shard with a yield between shards, as a drain walks it, so a
-/// link drop among millions of clients never holds a worker for long.
-async fn close_bound(clients: &ClientRegistry, id: u64) {
+/// Closes every client bound to `link` with 1012. The link is marked down
+/// first, so a client binding while the registry is walked is closed by
+/// [`LinkHandle::bind`] if the walk misses it. The registry is walked shard
+/// by shard with a yield between shards, as a drain walks it, so a link drop
+/// among millions of clients never holds a worker for long.
+async fn close_bound(clients: &ClientRegistry, link: &LinkHandle) {
+    link.mark_down();
     for shard in 0..crate::registry::SHARDS {
-        for c in clients.shard_matching(shard, |c| c.link_id == id) {
+        for c in clients.shard_matching(shard, |c| c.link_id == link.id) {
             c.outbox.close(CloseReason::LinkLost);
         }
         tokio::task::yield_now().await;
@@ -308,5 +311,57 @@ async fn run_link(
                 return "gateway shutting down".to_string();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowReaderPolicy;
+    use crate::outbox::ClientHandle;
+
+    fn client(id: u64, link: &LinkHandle) -> Arc<ClientHandle> {
+        Arc::new(ClientHandle::new(id, link.id, 16, SlowReaderPolicy::Close))
+    }
+
+    fn open(client: u64) -> Frame {
+        Frame::ClientOpen {
+            client,
+            route: "/".into(),
+            remote_addr: "192.0.2.1:1".into(),
+            claims: bytes::Bytes::new(),
+        }
+    }
+
+    /// The race of a client that picks a link as it drops: the client's
+    /// open gets through (the writer still holds the queue) but its binding
+    /// is registered after the teardown scanned the registry. Played here
+    /// in that order, step by step.
+    #[tokio::test]
+    async fn a_client_bound_as_its_link_goes_down_is_closed_with_1012() {
+        let clients = ClientRegistry::default();
+        let pool = ServicePool::new("s", &["a:1".into()], 1);
+        // The writer task's end of the queue, still alive while the link tears down.
+        let (tx, _writer_queue) = mpsc::channel(4);
+        let link = Arc::new(LinkHandle::new(1, pool.name.clone(), tx, 1 << 20));
+        pool.set(0, 0, Some(link.clone()));
+        // A client registered before the drop is found by the scan.
+        let early = client(1, &link);
+        link.bind(&clients, early.clone());
+
+        let picked = pool.pick().expect("the link is up");
+        // The link drops; its teardown runs before the client registers.
+        pool.set(0, 0, None);
+        close_bound(&clients, &link).await;
+        let late = client(2, &picked);
+        picked.bind(&clients, late.clone());
+        picked.tx.send(open(2)).await.expect("the open got through");
+
+        assert_eq!(early.outbox.close_request(), Some(CloseReason::LinkLost));
+        assert_eq!(
+            late.outbox.close_request(),
+            Some(CloseReason::LinkLost),
+            "a client bound to a link that went down must be closed with 1012"
+        );
     }
 }
