@@ -137,7 +137,7 @@ check "changelog's latest entry is the package version ($VERSION)" \
 # on remove.
 postinst_hands_over() {
     local p=$WORK/control/postinst
-    grep -q '/usr/bin/edgegate upgrade --wait' "$p" &&
+    grep -Eq '^ +edgegate upgrade --wait \|\| rc=' "$p" &&
         [ "$(grep -Ec 'deb-systemd-invoke (restart|try-restart)' "$p")" = 1 ] &&
         grep -B2 'deb-systemd-invoke restart' "$p" | grep -q '69)' &&
         # The call comes after the fragments (daemon-reload first).
