@@ -800,14 +800,31 @@ async fn a_stop_during_a_handover_stops_the_successor_and_drains() {
         })
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !setup.log().contains("started the new process") {
+    let successor: u32 = loop {
+        let pid = setup
+            .log()
+            .lines()
+            .filter(|l| l.contains("started the new process"))
+            .find_map(|l| {
+                l.split("pid=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+        if let Some(pid) = pid {
+            break pid;
+        }
         assert!(
             Instant::now() < deadline,
             "no successor started:\n{}",
             setup.log()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    };
+    // Killed on drop if the test fails with it still running.
+    setup.pids.push(successor);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(first_pid as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -836,6 +853,15 @@ async fn a_stop_during_a_handover_stops_the_successor_and_drains() {
     assert!(rejected.is_empty(), "{rejected:?}");
     assert_eq!(main, first_pid, "no MAINPID= during a stop");
     setup.systemd.wait_for(first_pid, "STOPPING=1").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !exited(successor) {
+        assert!(
+            Instant::now() < deadline,
+            "the successor {successor} still runs:\n{}",
+            setup.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // No successor is left holding the port: it refuses.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
