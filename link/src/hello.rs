@@ -17,10 +17,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::timeout;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::proto::{
-    CodecError, Frame, FrameCodec, GOAWAY_PROTOCOL_ERROR, GOAWAY_UNSUPPORTED_VERSION,
-    MIN_FRAME_BYTES, PROTOCOL_VERSION,
-};
+use crate::goaway::Goaway;
+use crate::proto::{CodecError, Frame, FrameCodec, MIN_FRAME_BYTES, PROTOCOL_VERSION};
 
 /// What an end learnt from the other's `Hello`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,20 +69,19 @@ impl HelloError {
     /// (nothing after a close, a read i/o error, a write failure or its own
     /// goaway).
     pub fn goaway(&self) -> Option<Frame> {
-        let code = match self {
-            HelloError::UnsupportedVersion(_) => GOAWAY_UNSUPPORTED_VERSION,
-            HelloError::FrameCapTooSmall(_) | HelloError::Unexpected(_) => GOAWAY_PROTOCOL_ERROR,
+        let goaway = match self {
+            HelloError::UnsupportedVersion(_) => Goaway::UnsupportedVersion(self.to_string()),
+            HelloError::FrameCapTooSmall(_) | HelloError::Unexpected(_) => {
+                Goaway::ProtocolError(self.to_string())
+            }
             HelloError::Read(CodecError::Io(_)) => return None,
-            HelloError::Read(_) => GOAWAY_PROTOCOL_ERROR,
+            HelloError::Read(_) => Goaway::ProtocolError(self.to_string()),
             HelloError::Timeout(_)
             | HelloError::Closed
             | HelloError::Write(_)
             | HelloError::Goaway { .. } => return None,
         };
-        Some(Frame::Goaway {
-            code,
-            reason: self.to_string(),
-        })
+        Some(goaway.frame())
     }
 }
 
@@ -194,6 +191,7 @@ async fn receive_hello<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{GOAWAY_PROTOCOL_ERROR, GOAWAY_UNSUPPORTED_VERSION};
     use tokio::io::{duplex, DuplexStream, ReadHalf, WriteHalf};
 
     const WITHIN: Duration = Duration::from_secs(5);

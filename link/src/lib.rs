@@ -13,6 +13,7 @@
 //! |---|---|
 //! | [`proto`] | [`Frame`](proto::Frame) and [`FrameCodec`](proto::FrameCodec): the wire format, shared by gateway and service |
 //! | [`backoff`] | [`Backoff`](backoff::Backoff): jittered exponential backoff, the one retry policy of link redials and both ends' accept loops |
+//! | [`goaway`] | [`Goaway`](goaway::Goaway): why an end closes a link, its code and reason chosen in one place for both ends |
 //! | [`hello`] | the `Hello` exchange, the same checks on both ends: [`offer`](hello::offer) (gateway), [`answer`](hello::answer) (service) |
 //! | [`writer`] | [`LinkWriter`](writer::LinkWriter): the writing half of a link end, used by both ends: every write bounded, its own pings, pongs ahead of data |
 //! | [`service`] | [`Service`](service::Service): accepts links, runs the hello and ping exchange, turns frames into [`Event`](service::Event)s |
@@ -45,6 +46,7 @@
 
 pub mod backoff;
 pub mod example;
+pub mod goaway;
 pub mod hello;
 pub mod proto;
 pub mod service;

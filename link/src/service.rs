@@ -53,10 +53,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
+use crate::goaway::{End, Goaway};
 use crate::hello::{self, HelloError};
 use crate::proto::{
-    ClientId, CodecError, Frame, FrameCodec, Kind, GOAWAY_NORMAL, GOAWAY_PROTOCOL_ERROR,
-    MAX_FRAME_BYTES, MIN_FRAME_BYTES,
+    ClientId, CodecError, Frame, FrameCodec, Kind, MAX_FRAME_BYTES, MIN_FRAME_BYTES,
 };
 use crate::writer::{LinkWriter, Pongs, WriterConfig};
 
@@ -469,19 +469,19 @@ enum LinkEnd {
 impl LinkEnd {
     /// The `Goaway` to send before closing, if there is anyone to tell.
     fn goaway(&self) -> Option<Frame> {
-        let (code, reason) = match self {
-            LinkEnd::Shutdown => (GOAWAY_NORMAL, "service shutting down".to_owned()),
-            LinkEnd::EventsClosed => (GOAWAY_NORMAL, "service stopped".to_owned()),
+        let goaway = match self {
+            LinkEnd::Shutdown => Goaway::ShuttingDown(End::Service),
+            LinkEnd::EventsClosed => Goaway::ServiceStopped,
             LinkEnd::Hello(error) => return error.goaway(),
-            LinkEnd::Protocol(reason) => (GOAWAY_PROTOCOL_ERROR, reason.clone()),
+            LinkEnd::Protocol(reason) => Goaway::ProtocolError(reason.clone()),
             LinkEnd::Read(CodecError::Io(_)) => return None,
-            LinkEnd::Read(error) => (GOAWAY_PROTOCOL_ERROR, error.to_string()),
+            LinkEnd::Read(error) => Goaway::ProtocolError(error.to_string()),
             LinkEnd::PeerGoaway { .. }
             | LinkEnd::PeerClosed
             | LinkEnd::Timeout
             | LinkEnd::Write(_) => return None,
         };
-        Some(Frame::Goaway { code, reason })
+        Some(goaway.frame())
     }
 
     fn log(&self) {

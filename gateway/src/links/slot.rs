@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgegate_link::backoff::Backoff;
+use edgegate_link::goaway::{End, Goaway};
 use edgegate_link::hello::{self, HelloError};
 use edgegate_link::proto::{frame_cap_for_messages, Frame, FrameCodec, CLIENT_MESSAGE_OVERHEAD};
 use edgegate_link::writer::{LinkWriter, WriterConfig};
@@ -306,9 +307,9 @@ async fn run_link(
             () = stop.cancelled() => {
                 // Clients were drained before links are stopped: say goodbye
                 // after what is queued.
-                let goaway = Frame::Goaway { code: 0, reason: "gateway shutting down".into() };
-                writer.stop(Some(goaway), GOAWAY_TIMEOUT.min(config.ping_timeout)).await;
-                return "gateway shutting down".to_string();
+                let goaway = Goaway::ShuttingDown(End::Gateway);
+                writer.stop(Some(goaway.frame()), GOAWAY_TIMEOUT.min(config.ping_timeout)).await;
+                return goaway.to_string();
             }
         }
     }
