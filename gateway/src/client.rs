@@ -145,14 +145,17 @@ pub async fn serve(
     ctx: Arc<ListenerCtx>,
     permit: OwnedSemaphorePermit,
 ) {
-    let shared = &ctx.shared;
+    // The guard owns the context and the address (no copy of either in the
+    // task): what the admission is given back to, and by whom.
+    let slot = ClientSlot { ctx, addr };
+    let (ctx, shared) = (&slot.ctx, &slot.ctx.shared);
     let settings = shared.settings();
     let started = Instant::now();
     let _ = stream.set_nodelay(true);
 
     let deadline = started + settings.limits.handshake_timeout;
-    let Some(tls) = Box::pin(tls_phase(stream, permit, &ctx, deadline)).await else {
-        return handshake_failed(shared, addr, Phase::Tls);
+    let Some(tls) = Box::pin(tls_phase(stream, permit, ctx, deadline)).await else {
+        return handshake_failed(shared, Phase::Tls);
     };
     let protocol = ctx.protocol;
     // The two arms differ only in the stream type. They are not folded into
@@ -160,26 +163,67 @@ pub async fn serve(
     // task (measured +144 bytes per client).
     let reason = match protocol {
         Protocol::WebSocket => {
-            let (ws, admission) = match Box::pin(upgrade_phase(tls, &ctx, &settings)).await {
+            let (ws, admission) = match Box::pin(upgrade_phase(tls, ctx, &settings)).await {
                 Ok(upgraded) => upgraded,
-                Err(Ended) => return shared.admission.release(addr.ip()),
+                Err(Ended) => return,
             };
             session_started(shared, protocol, started);
             let pool = ctx.services[admission.service].clone();
-            run_session(ws, id, addr, admission, &pool, shared, &settings).await
+            run_session(ws, id, slot.addr, admission, &pool, shared, &settings).await
         }
         Protocol::Framed => {
-            let (client, admission) = match Box::pin(hello_phase(tls, &ctx, &settings)).await {
+            let (client, admission) = match Box::pin(hello_phase(tls, ctx, &settings)).await {
                 Ok(opened) => opened,
-                Err(Ended) => return shared.admission.release(addr.ip()),
+                Err(Ended) => return,
             };
             session_started(shared, protocol, started);
             let pool = ctx.services[admission.service].clone();
-            run_session(client, id, addr, admission, &pool, shared, &settings).await
+            run_session(client, id, slot.addr, admission, &pool, shared, &settings).await
         }
     };
     debug!(reason = reason.label(), "client connection released");
-    shared.admission.release(addr.ip());
+}
+
+/// A client's admission (one of `max_clients`, one of its address's), given
+/// back when dropped: when the client task ends, however it ends — a panic
+/// included.
+pub(crate) struct ClientSlot {
+    pub(crate) ctx: Arc<ListenerCtx>,
+    pub(crate) addr: SocketAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.ctx.shared.admission.release(self.addr.ip());
+    }
+}
+
+/// What a client holds while in session: its registry entry (with its link
+/// binding) and its topic memberships. Dropped when the session ends —
+/// or when the client task panics, when it also tells the service the
+/// client is gone (1011) if the link has room — it gives them all back.
+pub(crate) struct InSession<'a> {
+    pub(crate) shared: &'a Shared,
+    pub(crate) handle: &'a ClientHandle,
+    pub(crate) link: &'a LinkHandle,
+}
+
+impl Drop for InSession<'_> {
+    fn drop(&mut self) {
+        let id = self.handle.id;
+        self.shared.clients.remove(id);
+        self.shared
+            .topics
+            .remove_client(self.handle, &self.shared.metrics);
+        self.link.unbind();
+        if std::thread::panicking() {
+            let _ = self.link.tx.try_send(Frame::ClientClose {
+                client: id,
+                code: 1011,
+                reason: "gateway internal error".to_owned(),
+            });
+        }
+    }
 }
 
 /// The connection ended during the handshake phases: a failure was counted
@@ -193,9 +237,8 @@ fn counted(shared: &Shared, phase: Phase) -> Ended {
     Ended
 }
 
-fn handshake_failed(shared: &Shared, addr: SocketAddr, phase: Phase) {
+fn handshake_failed(shared: &Shared, phase: Phase) {
     shared.metrics.handshake_failed(phase);
-    shared.admission.release(addr.ip());
 }
 
 fn session_started(shared: &Shared, protocol: Protocol, started: Instant) {
@@ -778,6 +821,11 @@ async fn run_session<S: ClientStream>(
         limits.slow_reader_policy,
     ));
     link.bind(&shared.clients, handle.clone());
+    let in_session = InSession {
+        shared,
+        handle: &handle,
+        link: &link,
+    };
     if shared.lifecycle.is_draining() {
         handle.outbox.close(CloseReason::Shutdown);
     }
@@ -806,9 +854,7 @@ async fn run_session<S: ClientStream>(
         }
     };
 
-    shared.clients.remove(id);
-    shared.topics.remove_client(&handle, &shared.metrics);
-    link.unbind();
+    drop(in_session);
     if reason.tells_service() {
         let (code, text) = reason.for_service();
         let frame = Frame::ClientClose {

@@ -661,4 +661,72 @@ mod tests {
         gw.shutdown(Duration::ZERO).await;
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A client task that panics in session gives back everything it held:
+    /// its admission, its registry entry, its topic memberships and its link
+    /// binding, and the service hears ClientClose 1011. The guards are the
+    /// ones `serve` and `run_session` hold.
+    #[tokio::test]
+    async fn a_client_task_that_panics_in_session_leaves_nothing_behind() {
+        let dir = std::env::temp_dir().join(format!("edgegate-panic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = crate::tls::self_signed().unwrap();
+        std::fs::write(dir.join("c.pem"), cert).unwrap();
+        std::fs::write(dir.join("k.pem"), key).unwrap();
+        let text = format!(
+            "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls_cert_path = \"{0}/c.pem\"\ntls_key_path = \"{0}/k.pem\"\n\n[[route]]\nlistener = \"t\"\npath = \"/\"\nservice = \"s\"\n\n[[service]]\nname = \"s\"\naddresses = [\"127.0.0.1:9\"]\n\n[admin]\nbind = \"127.0.0.1:0\"\n",
+            dir.display()
+        );
+        let config = crate::Config::from_toml(&dir.join("e.toml"), &text, []).unwrap();
+        let gw = Gateway::start(&config).await.unwrap();
+        let shared = gw.shared().clone();
+        let (tx, mut service) = tokio::sync::mpsc::channel(8);
+        let link = Arc::new(crate::links::LinkHandle::detached(7, tx));
+        let ip: std::net::IpAddr = "127.0.0.5".parse().unwrap();
+        let task_ctx = gw.listener_ctx(0);
+        shared.admission.try_take(ip).unwrap();
+        assert_eq!(shared.admission.connections(), 1);
+
+        let (task_shared, task_link) = (shared.clone(), link.clone());
+        let task = tokio::spawn(async move {
+            let shared = &*task_shared;
+            let _slot = crate::client::ClientSlot {
+                ctx: task_ctx,
+                addr: std::net::SocketAddr::new(ip, 1),
+            };
+            let handle = Arc::new(crate::outbox::ClientHandle::new(
+                42,
+                task_link.id,
+                8,
+                crate::config::SlowReaderPolicy::DropOldest,
+            ));
+            task_link.bind(&shared.clients, handle.clone());
+            let _in_session = crate::client::InSession {
+                shared,
+                handle: &handle,
+                link: &task_link,
+            };
+            assert!(shared.topics.subscribe("room", &handle, &shared.metrics));
+            tokio::task::yield_now().await;
+            panic!("a bug in the session");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+
+        assert_eq!(shared.admission.connections(), 0, "admission given back");
+        assert_eq!(shared.clients.len(), 0, "registry entry removed");
+        assert_eq!(
+            shared.topics.subscriber_count("room"),
+            0,
+            "memberships removed"
+        );
+        assert_eq!(link.load(), 0, "link binding removed");
+        match service.try_recv() {
+            Ok(edgegate_link::proto::Frame::ClientClose { client, code, .. }) => {
+                assert_eq!((client, code), (42, 1011))
+            }
+            other => panic!("the service was not told: {other:?}"),
+        }
+        gw.shutdown(Duration::ZERO).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -34,6 +34,12 @@ pub struct LinkHandle {
 }
 
 impl LinkHandle {
+    /// A link handle outside any pool, for the client's own tests.
+    #[cfg(test)]
+    pub(crate) fn detached(id: u64, tx: mpsc::Sender<Frame>) -> Self {
+        Self::new(id, "test".into(), tx, 1 << 20)
+    }
+
     pub(super) fn new(
         id: u64,
         service: Arc<str>,
@@ -84,7 +90,7 @@ impl LinkHandle {
     }
 
     /// Clients bound to this link now.
-    pub(super) fn load(&self) -> usize {
+    pub(crate) fn load(&self) -> usize {
         self.bound.load(Ordering::Relaxed)
     }
 }
