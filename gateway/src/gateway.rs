@@ -195,6 +195,8 @@ impl Gateway {
             .set(i64::try_from(config.limits.max_clients).unwrap_or(i64::MAX));
         let shared = Arc::new(Shared::new(metrics, config)?);
 
+        // A successor in a handover (docs: handover.rs) adopts its sockets.
+        let successor = !adopted.listeners.is_empty();
         // Bind everything before starting anything, so a bind error leaves nothing running.
         let mut bound = Vec::new();
         let mut sockets = Vec::new();
@@ -256,6 +258,15 @@ impl Gateway {
             );
             pools.push(pool);
             link_tasks.extend(tasks);
+        }
+        if successor {
+            // The predecessor still accepts on the same queue: take no client
+            // before this process's links are up (bounded), or the first
+            // clients it accepts would get 1013 "service unavailable".
+            let by = Instant::now() + crate::handover::LINKS_WAIT;
+            while pools.iter().any(|p| p.links_up() == 0) && Instant::now() < by {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
 
         let permits = Arc::new(Semaphore::new(config.limits.handshake_permits));

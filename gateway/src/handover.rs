@@ -8,8 +8,9 @@
 //!   old: spawn <its binary's path> run --config <its file>, with the client
 //!        listeners, the admin listener, the control socket and one end of a
 //!        socketpair (the channel) inherited; old keeps accepting
-//!   new: load config and certificates, adopt the sockets, accept, links up
-//!        (bounded by LINKS_WAIT) ──"ready version=.."──► old
+//!   new: load config and certificates, adopt the sockets, links up
+//!        (bounded by LINKS_WAIT: a client it accepted before would get
+//!        1013), accept ──"ready version=.."──► old
 //!   old: stop its watchdog, MAINPID=<new> to systemd ──"main"──► new
 //!   new: READY=1 with its status, then the watchdog, as the main process
 //!   old ──"ok pid=.. version=.. handover_ms=.."──► edgegate upgrade
