@@ -47,7 +47,7 @@ suite() {
     fi
 }
 
-# The guards (fmt, clippy, import graph) run in every mode, before the tests.
+# The guards (fmt, clippy, import graph, doc links) run in every mode, before the tests.
 suite lint bash tests/tools/lint.sh
 suite rust cargo test --workspace --locked
 suite rust-lean env EDGEGATE_TEST_TLS_STREAM=lean cargo test --workspace --locked

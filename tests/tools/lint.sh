@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The guards: formatting, clippy with warnings as errors, and the import-graph
-# ratchet of gateway/src and link/src (import_graph.toml). Each check is one pass or one fail;
+# The guards: formatting, clippy with warnings as errors, the import-graph
+# ratchet of gateway/src and link/src (import_graph.toml), and the links of
+# every Markdown file (doc_links.py: each file, folder and #anchor linked
+# exists). Each check is one pass or one fail;
 # ends with "N passed, M failed" and exits non-zero if anything failed.
 #
 #   bash tests/tools/lint.sh
@@ -44,8 +46,9 @@ components() {
 check components components
 check fmt cargo fmt --all --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
-check import-graph-unit python3 -B -m unittest discover -s tests/tools
+check tools-unit python3 -B -m unittest discover -s tests/tools
 check import-graph python3 -B tests/tools/import_graph.py
+check doc-links python3 -B tests/tools/doc_links.py
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
