@@ -3,5 +3,8 @@
 //!
 //! - [`lean_tls`]: a TLS server stream that holds no buffer while its client
 //!   is idle.
+//! - [`ws`]: the server side of WebSocket framing: a decoder that holds no
+//!   buffer while its client is idle, frames encoded once into shared bytes.
 
 pub mod lean_tls;
+pub mod ws;
