@@ -3,7 +3,8 @@
 # protocol, load-generator smoke), again with every test listener on the lean
 # TLS stream (`tls_stream = "lean"`, through EDGEGATE_TEST_TLS_STREAM), then
 # the appliance (.deb in a fresh Debian root), monitoring, TLS scan (on both
-# TLS streams), Ansible and lab (a Debian 12 VM) suites.
+# TLS streams), Autobahn WebSocket conformance (on both TLS streams), Ansible
+# and lab (a Debian 12 VM) suites.
 # Must run as root on Debian 12; each suite installs what it needs itself.
 #
 #   tests/run-all.sh            everything
@@ -57,6 +58,7 @@ if [ "$ONLY" = all ]; then
     suite monitoring bash tests/monitoring/run.sh
     suite tlsscan bash tests/hostile/tlsscan.sh
     suite tlsscan-lean env EDGEGATE_TEST_TLS_STREAM=lean bash tests/hostile/tlsscan.sh
+    suite autobahn bash tests/hostile/autobahn.sh
     suite ansible bash tests/ansible/run.sh
     suite lab bash tests/lab/run.sh
 fi
