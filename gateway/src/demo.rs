@@ -135,12 +135,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     let signals = crate::shutdown::Signals::install()?;
     let gateway = Gateway::start(&config).await?;
     // Give the links a moment so the first client does not meet "no link".
-    for _ in 0..50 {
-        if gateway.is_ready() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gateway.wait_ready(Duration::from_secs(1)).await;
     let addr = gateway.local_addr("demo").unwrap_or(opts.client_addr);
     println!(
         "EdgeGate demo is running.\n\

@@ -35,6 +35,8 @@ const ADMIN_SOCKET: &str = "admin";
 
 /// Drain closes are issued in steps of this length.
 const DRAIN_TICK: Duration = Duration::from_millis(10);
+/// How often [`Gateway::wait_ready`] looks.
+const READY_POLL: Duration = Duration::from_millis(20);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -431,6 +433,22 @@ impl Gateway {
     /// Ready: listeners bound (always, once started) and every service has a link up.
     pub fn is_ready(&self) -> bool {
         self.view.is_ready()
+    }
+
+    /// Waits until [`Gateway::is_ready`] or `bound` has passed, and says
+    /// which: a start waits a moment for its links so its first clients do
+    /// not meet "no link", but a service that is down must not hold it back.
+    pub async fn wait_ready(&self, bound: Duration) -> bool {
+        let by = Instant::now() + bound;
+        loop {
+            if self.is_ready() {
+                return true;
+            }
+            if Instant::now() >= by {
+                return false;
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
     }
 
     /// Applies what can change live: certificates, limits, heartbeat, auth.

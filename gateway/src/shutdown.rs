@@ -70,14 +70,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .control_socket
         .as_deref()
         .and_then(|p| Control::open(p, inherited_control));
-    let links_by = tokio::time::Instant::now() + crate::handover::LINKS_WAIT;
-    let links_up = async {
-        while !gateway.is_ready() && tokio::time::Instant::now() < links_by {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     let outcome = tokio::select! {
-        () = links_up => adopted.ready_then_main().await,
+        ready = gateway.wait_ready(crate::handover::LINKS_WAIT) => {
+            if !ready {
+                warn!(parent, wait_ms = crate::handover::LINKS_WAIT.as_millis(), "not every service has a link up yet; saying ready anyway");
+            }
+            adopted.ready_then_main().await
+        }
         () = adopted.parent_gone() => Err(HandoverError::NotMade),
     };
     if let Err(e) = outcome {
