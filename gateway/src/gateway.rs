@@ -25,7 +25,7 @@ use crate::close::CloseReason;
 use crate::config::Config;
 use crate::handover::AdoptedSockets;
 use crate::links::{spawn_pool, LinkContext, ServicePool};
-use crate::listener::{accept_loop, bind};
+use crate::listener::{accept_loop, bind, set_backlog};
 use crate::metrics::Metrics;
 use crate::state::{Settings, Shared};
 use crate::tls::{server_config, ReloadableAcceptor, TlsError};
@@ -203,11 +203,14 @@ impl Gateway {
         let mut bound = Vec::new();
         let mut sockets = Vec::new();
         for l in &config.listeners {
-            let listener = match adopt(adopted.listeners.remove(&l.name), l.bind) {
-                Some(r) => r.map_err(|source| StartError::Adopt {
-                    name: l.name.clone(),
-                    source,
-                })?,
+            let inherited = adopt(adopted.listeners.remove(&l.name), l.bind);
+            let listener = match inherited {
+                Some(r) => r
+                    .and_then(|listener| set_backlog(&listener, l.backlog).map(|()| listener))
+                    .map_err(|source| StartError::Adopt {
+                        name: l.name.clone(),
+                        source,
+                    })?,
                 None => bind(l.bind, l.backlog).map_err(|source| StartError::Bind {
                     name: l.name.clone(),
                     addr: l.bind,

@@ -51,6 +51,20 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
+/// Sets the backlog of a socket that already listens (one inherited in a
+/// handover), so a changed `backlog` applies without binding anew: on Linux
+/// `listen(2)` on a listening socket only updates its accept-queue limit,
+/// capped at `net.core.somaxconn` as at bind. The queue is the one socket
+/// the predecessor shares, so the limit is the new one for both.
+///
+/// # Errors
+/// The listen error.
+pub fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
+    // The kernel caps any larger value at somaxconn anyway.
+    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+    socket2::SockRef::from(listener).listen(backlog)
+}
+
 /// Runs the accept loop until `stop` is cancelled.
 ///
 /// # Cancel safety

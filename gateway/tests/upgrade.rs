@@ -764,6 +764,46 @@ async fn a_successor_that_fails_leaves_the_old_process_serving_and_the_command_f
     assert_eq!(one_client(setup.addr, &tls).await, Outcome::Echoed);
 }
 
+/// The accept-queue limit of the socket listening on `addr`, as the kernel
+/// reports it (`ss`: a listener's Send-Q is its backlog).
+fn listen_backlog(addr: SocketAddr) -> u32 {
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", addr.port())])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(&addr.to_string()))
+        .unwrap_or_else(|| panic!("no listener on {addr} in ss output {text:?}"));
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no Send-Q in {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_applies_a_changed_backlog_to_the_inherited_socket() {
+    let mut setup = Setup::start("backlog").await;
+    let before = listen_backlog(setup.addr);
+    assert_ne!(before, 100, "the default backlog is not this test's value");
+
+    let config = std::fs::read_to_string(&setup.config).unwrap();
+    let bind = format!("bind = \"{}\"\n", setup.addr);
+    assert!(config.contains(&bind), "{config}");
+    let config = config.replace(&bind, &format!("{bind}backlog = 100\n"));
+    std::fs::write(&setup.config, config).unwrap();
+    let (code, stdout, stderr, _) = setup.upgrade(true).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}\n{}", setup.log());
+    let (pid, _, _) = parse_ok(&stdout);
+    setup.pids.push(pid);
+
+    // The inherited socket, with the new limit.
+    assert_eq!(listen_backlog(setup.addr), 100, "was {before}");
+    let tls = connector(&setup.cert);
+    assert_eq!(one_client(setup.addr, &tls).await, Outcome::Echoed);
+}
+
 #[test]
 fn upgrade_without_a_running_gateway_exits_69() {
     let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
