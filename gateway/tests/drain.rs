@@ -71,10 +71,9 @@ async fn client(
     })
 }
 
-/// The real binary, started with the example service behind it.
-/// The admin endpoint's answer to `GET path`: its status code, or `None`
-/// while it does not answer.
-async fn admin_status(admin: SocketAddr, path: &str) -> Option<u16> {
+/// The admin endpoint's answer to `GET path`: its status code and body, or
+/// `None` while it does not answer.
+async fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(admin).await.ok()?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: edgegate\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
@@ -84,7 +83,15 @@ async fn admin_status(admin: SocketAddr, path: &str) -> Option<u16> {
         .ok()?
         .ok()?;
     let reply = String::from_utf8_lossy(&reply);
-    reply.split_whitespace().nth(1)?.parse().ok()
+    let status = reply.split_whitespace().nth(1)?.parse().ok()?;
+    let (_, body) = reply.split_once("\r\n\r\n")?;
+    Some((status, body.to_owned()))
+}
+
+/// The admin endpoint's status code for `GET path`, or `None` while it does
+/// not answer.
+async fn admin_status(admin: SocketAddr, path: &str) -> Option<u16> {
+    admin_get(admin, path).await.map(|(status, _)| status)
 }
 
 /// Polls `GET path` on the admin endpoint until it answers `status`, for at
@@ -100,6 +107,7 @@ async fn wait_admin(admin: SocketAddr, path: &str, status: u16, within: Duration
     false
 }
 
+/// The real binary, started with the example service behind it.
 struct Running {
     child: std::process::Child,
     addr: SocketAddr,
@@ -399,6 +407,79 @@ async fn during_the_lb_grace_readiness_is_503_and_new_clients_are_still_served()
             .unwrap();
         assert_eq!(got.map(|(code, _)| code), Some(1001));
     }
+    let status = gw.exit_status().await;
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
+
+/// A reload changes what the next drain does. Started with no load-balancer
+/// grace and a 600 s window, then reloaded by SIGHUP with a 2 s grace and a
+/// 1 s window, the gateway's SIGTERM turns readiness off while still
+/// accepting and serving new clients for the new grace, refuses connections
+/// only after it, and closes a client at the end of the new window, not ten
+/// minutes later. (A drain with one client closes it at the window's end.)
+/// The bounds are generous: only the order of events and the 600 s the old
+/// window would take are asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_grace_and_the_window_of_the_next_drain() {
+    let gw = Running::start_with_grace("reload", 600, 0).await;
+    let path = gw.dir.join("edgegate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("drain_window_secs = 600\nlb_grace_secs = 0\n"));
+    let text = text.replace(
+        "drain_window_secs = 600\nlb_grace_secs = 0\n",
+        "drain_window_secs = 1\nlb_grace_secs = 2\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    gw.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut reloaded = false;
+    while !reloaded && Instant::now() < deadline {
+        if let Some((_, metrics)) = admin_get(gw.admin, "/metrics").await {
+            reloaded = metrics
+                .lines()
+                .any(|l| l == "edgegate_config_reloads_total{result=\"ok\"} 1");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reloaded, "the reload was not accepted");
+
+    let tls = connector(&gw.cert);
+    let before = client(gw.addr, tls.clone()).await;
+    let sent = Instant::now();
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        wait_admin(gw.admin, "/readyz", 503, Duration::from_secs(2)).await,
+        "readiness turns off at once"
+    );
+    assert!(
+        echo_once(gw.addr, &tls).await,
+        "the reloaded grace: a new client is accepted and served"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut refused_after = None;
+    while Instant::now() < deadline {
+        if TcpStream::connect(gw.addr).await.is_err() {
+            refused_after = Some(sent.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused_after = refused_after.expect("the listener closes after the grace");
+    assert!(
+        refused_after >= Duration::from_secs(2),
+        "connections were refused {refused_after:?} after SIGTERM, inside the reloaded 2 s grace"
+    );
+    let (code, at) = tokio::time::timeout(Duration::from_secs(30), before)
+        .await
+        .expect("closed within the reloaded window, not the started one (600 s)")
+        .unwrap()
+        .expect("a close frame");
+    assert_eq!(code, 1001);
+    let closed_after = at.duration_since(sent);
+    assert!(
+        closed_after >= Duration::from_millis(2900),
+        "closed {closed_after:?} after SIGTERM: before the 2 s grace and the 1 s window"
+    );
     let status = gw.exit_status().await;
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
