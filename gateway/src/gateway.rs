@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::registry::Registry;
 use rand::seq::SliceRandom;
@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::admin::{AdminServer, GatewayView};
 use crate::client::ListenerCtx;
 use crate::close::CloseReason;
-use crate::config::Config;
+use crate::config::{Config, ListenerConfig};
 use crate::handover::AdoptedSockets;
 use crate::links::{spawn_pool, LinkContext, ServicePool};
 use crate::listener::{accept_loop, bind, set_backlog};
@@ -82,6 +82,28 @@ fn tls_configs(config: &Config) -> Result<Vec<rustls::ServerConfig>, StartError>
             })
         })
         .collect()
+}
+
+/// Reads each listener's certificate expiry into the metrics and logs where
+/// it stands (a warning within `tls::EXPIRY_WARNING` of it, an error once
+/// past). Start and every accepted reload call it with the files just loaded.
+fn note_certificate_expiry<'a>(
+    listeners: impl IntoIterator<Item = &'a ListenerConfig>,
+    metrics: &Metrics,
+) {
+    let now = SystemTime::now();
+    for l in listeners {
+        match crate::tls::leaf_not_after(&l.tls_cert_path) {
+            Ok(not_after) => {
+                crate::tls::log_expiry(&l.name, &l.tls_cert_path, not_after, now);
+                metrics.certificates.set(&l.name, not_after);
+            }
+            // Loaded a moment ago: replaced since, it is read at the next reload.
+            Err(e) => {
+                warn!(listener = %l.name, error = %e, "cannot read the certificate's expiry");
+            }
+        }
+    }
 }
 
 /// A running gateway.
@@ -192,6 +214,7 @@ impl Gateway {
         let mut registry = Registry::default();
         let service_names: Vec<String> = config.services.iter().map(|s| s.name.clone()).collect();
         let metrics = Metrics::new(&mut registry, &service_names);
+        note_certificate_expiry(&config.listeners, &metrics);
         metrics
             .clients_max
             .set(i64::try_from(config.limits.max_clients).unwrap_or(i64::MAX));
@@ -479,6 +502,12 @@ impl Gateway {
         for (ctx, c) in tls {
             ctx.tls.replace(c);
         }
+        let running =
+            |l: &&ListenerConfig| self.listeners.iter().any(|(ctx, _)| ctx.name == l.name);
+        note_certificate_expiry(
+            config.listeners.iter().filter(running),
+            &self.shared.metrics,
+        );
         self.shared.set_settings(settings);
         self.shared.admission.set_limits(&config.limits);
         self.shared

@@ -6,13 +6,23 @@
 //! service name from the config): never client ids, addresses or topics.
 //! Every known series exists at zero from start-up. The registry is passed in
 //! by hand, so each test gateway has its own.
+//!
+//! Two families are written at scrape time by collectors rather than stored:
+//! the standard `process_*` metrics ([`ProcessCollector`], the one place
+//! without the prefix, because generic dashboards and queries expect these
+//! names), and the seconds left on each listener's certificate
+//! ([`CertificateExpiry`]), so that figure is right whenever it is read.
 
+use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -136,6 +146,134 @@ pub struct Metrics {
     pub jemalloc_allocated: Gauge,
     pub jemalloc_resident: Gauge,
     pub jemalloc_retained: Gauge,
+    /// Each listener's certificate expiry (set at start and every reload).
+    pub certificates: Arc<CertificateExpiry>,
+}
+
+/// Each listener's leaf certificate `not_after`, as read at start and at the
+/// last accepted reload, exported as
+/// `edgegate_tls_certificate_expiry_seconds{listener}`: the seconds left,
+/// computed at each scrape (negative once expired). A gauge set at reload
+/// would go stale between reloads, which may be months apart.
+#[derive(Debug, Default)]
+pub struct CertificateExpiry {
+    /// Listener name and `not_after` in seconds since the epoch, in the
+    /// config's order.
+    not_after: parking_lot::Mutex<Vec<(String, i64)>>,
+}
+
+impl CertificateExpiry {
+    /// Records the `not_after` of `listener`'s certificate.
+    pub fn set(&self, listener: &str, not_after: SystemTime) {
+        let secs = unix_seconds(not_after);
+        let mut all = self.not_after.lock();
+        match all.iter_mut().find(|(name, _)| name == listener) {
+            Some(entry) => entry.1 = secs,
+            None => all.push((listener.to_owned(), secs)),
+        }
+    }
+
+    /// Seconds left on `listener`'s certificate at `now`, if recorded.
+    pub fn seconds_left(&self, listener: &str, now: SystemTime) -> Option<i64> {
+        let all = self.not_after.lock();
+        let (_, not_after) = all.iter().find(|(name, _)| name == listener)?;
+        Some(not_after - unix_seconds(now))
+    }
+}
+
+impl Collector for CertificateExpiry {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let now = unix_seconds(SystemTime::now());
+        let all = self.not_after.lock().clone();
+        if all.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "tls_certificate_expiry_seconds",
+            "Seconds until the listener's leaf certificate expires (not_after); negative once expired",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (listener, not_after) in &all {
+            let labels = [("listener", listener.as_str())];
+            ConstGauge::new(not_after - now).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+/// The standard process metrics, under the names the Prometheus client
+/// libraries' process collectors use (no `edgegate_` prefix): start time and
+/// CPU time read at each scrape (see `process`), virtual memory likewise,
+/// and resident memory and descriptors as the `edgegate_process_*` gauges
+/// hold them (the admin endpoint refreshes those just before encoding). The
+/// alerts and the dashboard use the prefixed names, which no other program
+/// on a host exports.
+#[derive(Debug)]
+struct ProcessCollector {
+    resident: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        if let Some(start) = crate::process::start_time_seconds() {
+            let g = ConstGauge::new(start);
+            g.encode(encoder.encode_descriptor(
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        if let Some(cpu) = crate::process::cpu_seconds() {
+            let c = ConstCounter::new(cpu);
+            c.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                c.metric_type(),
+            )?)?;
+        }
+        if let Some(vsz) = crate::process::virtual_bytes() {
+            let g = ConstGauge::new(i64::try_from(vsz).unwrap_or(i64::MAX));
+            g.encode(encoder.encode_descriptor(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        for (name, help, gauge) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                &self.resident,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                &self.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                &self.max_fds,
+            ),
+        ] {
+            let g = ConstGauge::new(gauge.get());
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Bucket bounds of `edgegate_runtime_poll_delay_seconds`: 10 µs × 2^k up to
@@ -198,6 +336,7 @@ impl Metrics {
             jemalloc_allocated: Gauge::default(),
             jemalloc_resident: Gauge::default(),
             jemalloc_retained: Gauge::default(),
+            certificates: Arc::default(),
         };
         for r in RELOAD_RESULTS {
             let _ = m.config_reloads.get_or_create(&[("result", r)]);
@@ -232,7 +371,13 @@ impl Metrics {
             let _ = m.link_queue_depth.get_or_create(&l);
         }
 
+        registry.register_collector(Box::new(ProcessCollector {
+            resident: m.resident_memory.clone(),
+            open_fds: m.open_fds.clone(),
+            max_fds: m.max_fds.clone(),
+        }));
         let r = registry.sub_registry_with_prefix("edgegate");
+        r.register_collector(Box::new(m.certificates.clone()));
         r.register(
             "clients",
             "Clients past the upgrade, by listener protocol",

@@ -1,9 +1,15 @@
-//! The process as the kernel and the allocator see it: resident memory, open
-//! descriptors and jemalloc's own counters, read cheaply enough to run on
-//! every scrape of a process holding millions of descriptors.
+//! The process as the kernel and the allocator see it: memory, CPU time,
+//! start time, open descriptors and jemalloc's own counters, read cheaply
+//! enough to run on every scrape of a process holding millions of
+//! descriptors.
 //!
-//! - Resident memory: `/proc/self/statm` (one short line), not `status` or
-//!   `smaps`.
+//! - Resident and virtual memory: `/proc/self/statm` (one short line), not
+//!   `status` or `smaps`.
+//! - CPU time: `getrusage(RUSAGE_SELF)`, user plus system, to the
+//!   microsecond (`/proc/self/stat` counts in 10 ms clock ticks).
+//! - Start time: the process's start in clock ticks after boot
+//!   (`/proc/self/stat`) plus the boot time (`btime` in `/proc/stat`), read
+//!   once: the same figure `ps` shows, whenever the gateway was built.
 //! - Open descriptors: `stat("/proc/self/fd").st_size`, which Linux ≥ 6.2
 //!   reports as the number of open descriptors. Older kernels (Debian 12's
 //!   6.1) report 0 there, and listing the directory would cost O(clients)
@@ -19,7 +25,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use nix::sys::resource::{getrlimit, Resource};
+use std::sync::OnceLock;
+
+use nix::sys::resource::{getrlimit, getrusage, Resource, UsageWho};
 
 static JEMALLOC_STATS: AtomicBool = AtomicBool::new(false);
 
@@ -35,9 +43,56 @@ pub fn enable_jemalloc_stats() {
 
 /// Resident set size in bytes, from `/proc/self/statm` (pages × page size).
 pub fn resident_bytes() -> Option<u64> {
+    statm_bytes(1)
+}
+
+/// Virtual memory size in bytes, from `/proc/self/statm`.
+pub fn virtual_bytes() -> Option<u64> {
+    statm_bytes(0)
+}
+
+/// Field `index` of `/proc/self/statm` (in pages), in bytes.
+fn statm_bytes(index: usize) -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let pages: u64 = statm.split_whitespace().nth(index)?.parse().ok()?;
     Some(pages * page_size())
+}
+
+/// CPU time the process has used, user plus system, in seconds.
+pub fn cpu_seconds() -> Option<f64> {
+    let usage = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    Some(secs(usage.user_time()) + secs(usage.system_time()))
+}
+
+/// When the process started, in seconds since the Unix epoch (read once).
+pub fn start_time_seconds() -> Option<f64> {
+    static START: OnceLock<Option<f64>> = OnceLock::new();
+    *START.get_or_init(|| {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let boot = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()?;
+        start_time_from(&stat, &boot, ticks as f64)
+    })
+}
+
+/// The start time from the texts of `/proc/self/stat` and `/proc/stat` and
+/// the clock ticks per second.
+fn start_time_from(stat: &str, boot: &str, ticks_per_second: f64) -> Option<f64> {
+    // Field 2, the command, is in parentheses and may hold spaces or ')':
+    // count fields from the last ')'. `starttime` is field 22 overall, the
+    // 20th after the command.
+    let after_command = &stat[stat.rfind(')')? + 1..];
+    let start_ticks: f64 = after_command.split_whitespace().nth(19)?.parse().ok()?;
+    let btime: f64 = boot
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    (ticks_per_second > 0.0).then(|| btime + start_ticks / ticks_per_second)
 }
 
 fn page_size() -> u64 {
@@ -121,6 +176,53 @@ mod tests {
     fn resident_memory_is_read_from_statm() {
         let rss = resident_bytes().expect("statm readable");
         assert!(rss > 1024 * 1024, "{rss}");
+    }
+
+    #[test]
+    fn virtual_memory_is_at_least_the_resident_memory() {
+        let (vsz, rss) = (virtual_bytes().unwrap(), resident_bytes().unwrap());
+        assert!(vsz >= rss, "virtual {vsz} < resident {rss}");
+    }
+
+    #[test]
+    fn cpu_time_grows_with_work() {
+        let before = cpu_seconds().expect("getrusage");
+        // Spin until the counter moves (microseconds resolution; bounded).
+        let mut x = 0u64;
+        let mut after = before;
+        for _ in 0..10_000 {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            after = cpu_seconds().unwrap();
+            if after > before {
+                break;
+            }
+        }
+        assert!(after > before, "{before} -> {after}");
+    }
+
+    #[test]
+    fn start_time_is_read_after_the_command_field() {
+        // A command with a space and a ')' of its own; starttime = 4200
+        // ticks after a boot at 1_700_000_000.
+        let stat =
+            "1234 (a) b) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 4 0 4200 1000 100";
+        let boot = "cpu  1 2 3\nbtime 1700000000\nprocesses 9\n";
+        assert_eq!(start_time_from(stat, boot, 100.0), Some(1_700_000_042.0));
+        assert_eq!(start_time_from(stat, "cpu 1\n", 100.0), None);
+    }
+
+    #[test]
+    fn this_process_started_in_the_past_but_after_boot_and_2020() {
+        let start = start_time_seconds().expect("/proc readable");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        // A clock-tick rounding of at most 10 ms either way.
+        assert!(start <= now + 1.0, "start {start} after now {now}");
+        assert!(start > 1_577_836_800.0, "start {start} before 2020");
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! protocol ([`alpn`]), the ring provider's default cipher suites (all AEAD,
 //! forward secret). A SIGHUP swaps in a freshly loaded server config; clients
 //! already connected keep theirs.
+//!
+//! A certificate's expiry is read at start and at every reload
+//! ([`leaf_not_after`]): logged as a warning below [`EXPIRY_WARNING`], as an
+//! error once past ([`log_expiry`]), and exported per listener (the
+//! `CertificateExpiry` of `metrics`). An expired certificate still loads:
+//! refusing to start would turn a renewal that failed into an outage of every
+//! client, including those that do not check the date.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -20,6 +27,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tracing::{error, info, warn};
 
 use crate::config::Protocol;
 use crate::wire::lean_tls::LeanTlsStream;
@@ -117,6 +125,68 @@ pub fn leaf_not_after(cert_path: &Path) -> Result<SystemTime, TlsError> {
         Ok(s) => UNIX_EPOCH + Duration::from_secs(s),
         Err(_) => UNIX_EPOCH,
     })
+}
+
+/// How long before a certificate's `not_after` start and reload warn about
+/// it, and the `EdgeGateCertificateExpiringSoon` alert's threshold. ACME
+/// clients (certbot, lego) renew 30 days ahead, so 14 days left means the
+/// renewal has been failing for more than two weeks, with time left to fix it.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Where a certificate stands against its `not_after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// More than [`EXPIRY_WARNING`] left.
+    Valid { left: Duration },
+    /// Less than [`EXPIRY_WARNING`] left.
+    Soon { left: Duration },
+    /// Past `not_after` by `ago`: clients that check the date refuse it.
+    Expired { ago: Duration },
+}
+
+impl Expiry {
+    pub fn at(not_after: SystemTime, now: SystemTime) -> Expiry {
+        match not_after.duration_since(now) {
+            Ok(left) if left >= EXPIRY_WARNING => Expiry::Valid { left },
+            Ok(left) if !left.is_zero() => Expiry::Soon { left },
+            Ok(_) => Expiry::Expired {
+                ago: Duration::ZERO,
+            },
+            Err(e) => Expiry::Expired { ago: e.duration() },
+        }
+    }
+}
+
+/// Logs where `listener`'s certificate at `path` stands at `now`: info when
+/// valid, a warning within [`EXPIRY_WARNING`] of `not_after`, an error once
+/// expired. Returns the classification.
+pub fn log_expiry(listener: &str, path: &Path, not_after: SystemTime, now: SystemTime) -> Expiry {
+    let expiry = Expiry::at(not_after, now);
+    let until = not_after_text(not_after);
+    let path = path.display();
+    let days = |d: Duration| d.as_secs() / 86_400;
+    match expiry {
+        Expiry::Valid { left } => {
+            info!(listener, cert = %path, not_after = %until, days_left = days(left), "certificate valid");
+        }
+        Expiry::Soon { left } => {
+            warn!(listener, cert = %path, not_after = %until, days_left = days(left), "certificate expires in {} day(s): renew it, then reload", days(left));
+        }
+        Expiry::Expired { ago } => {
+            error!(listener, cert = %path, not_after = %until, days_ago = days(ago), "certificate expired: clients that check the date refuse it; renew it, then reload");
+        }
+    }
+    expiry
+}
+
+/// `not_after` as the certificate states it ("Dec  7 23:10:56 2027 +00:00").
+fn not_after_text(t: SystemTime) -> String {
+    let secs = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    };
+    x509_parser::time::ASN1Time::from_timestamp(secs)
+        .map_or_else(|_| format!("{secs} s after the epoch"), |t| t.to_string())
 }
 
 /// ALPN protocols a listener offers: `http/1.1` for WebSocket, `edgegate/1`
@@ -275,10 +345,54 @@ impl AsyncWrite for ServerTls {
 #[cfg(test)]
 mod tests {
     use std::mem::size_of;
+    use std::time::{Duration, SystemTime};
 
     use tokio::net::TcpStream;
 
-    use super::{LeanTlsStream, ServerTls};
+    use super::{Expiry, LeanTlsStream, ServerTls, EXPIRY_WARNING};
+
+    #[test]
+    fn expiry_is_valid_then_soon_below_the_warning_then_expired() {
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            Expiry::at(now + 30 * day, now),
+            Expiry::Valid { left: 30 * day }
+        );
+        assert_eq!(
+            Expiry::at(now + EXPIRY_WARNING, now),
+            Expiry::Valid {
+                left: EXPIRY_WARNING
+            }
+        );
+        assert_eq!(
+            Expiry::at(now + 13 * day, now),
+            Expiry::Soon { left: 13 * day }
+        );
+        assert_eq!(
+            Expiry::at(now - 2 * day, now),
+            Expiry::Expired { ago: 2 * day }
+        );
+        assert_eq!(
+            Expiry::at(now, now),
+            Expiry::Expired {
+                ago: Duration::ZERO
+            }
+        );
+    }
+
+    #[test]
+    fn the_self_signed_certificates_not_after_is_read_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("edgegate-notafter-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, _) = super::self_signed().unwrap();
+        std::fs::write(dir.join("c.pem"), cert).unwrap();
+        let not_after = super::leaf_not_after(&dir.join("c.pem")).unwrap();
+        // rcgen's default validity ends in 4096.
+        assert!(not_after > SystemTime::now() + 365 * Duration::from_secs(86_400));
+        assert!(super::not_after_text(not_after).contains("4096"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// An enum as large as its larger variant: if one kind outgrows the
     /// other, every client of the smaller kind pays the difference. Box

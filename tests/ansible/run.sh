@@ -169,6 +169,9 @@ CLIENT_BYTES=4096
 DRAIN_SECS=45
 GRACE_SECS=10   # the role's default edgegate_lb_grace_secs
 STOP_SECS=$((GRACE_SECS + DRAIN_SECS + 60))
+RUNBOOK_URL=https://wiki.example.net/edgegate/runbook
+# A Prometheus rules directory, as Prometheus's own role would create it.
+mkdir -p "$ROOT/etc/prometheus/rules"
 INVENTORY=$WORK/inventory.yml
 cat >"$INVENTORY" <<EOF
 all:
@@ -187,6 +190,8 @@ all:
         edgegate_host_client_memory_bytes: $CLIENT_BYTES
         edgegate_host_reserved_memory_mb: 1024
         edgegate_drain_window_secs: $DRAIN_SECS
+        edgegate_runbook_url: $RUNBOOK_URL
+        edgegate_alert_rules_path: /etc/prometheus/rules/edgegate.yml
         edgegate_tls_certificates:
           - name: edge
             cert_src: $WORK/edge.crt
@@ -304,6 +309,19 @@ check "drop-in LimitNOFILE = clients + headroom = $NOFILE" grep -qx "LimitNOFILE
 check "drop-in TimeoutStopSec ($STOP_SECS) outlasts the LB grace and the drain window ($GRACE_SECS + $DRAIN_SECS)" \
     grep -qx "TimeoutStopSec=$STOP_SECS" "$DROPIN"
 check "edgegate.service enabled at boot" test -L "$ROOT/etc/systemd/system/multi-user.target.wants/edgegate.service"
+
+# Alert rules for a Prometheus on the host, linking the runbook under edgegate_runbook_url.
+RULES=$ROOT/etc/prometheus/rules/edgegate.yml
+rules_linked() {
+    local all ours
+    all=$(grep -c '^ *runbook_url:' "$RULES") || return 1
+    ours=$(grep -c "^ *runbook_url: \"$RUNBOOK_URL#edgegate" "$RULES")
+    echo "$ours of $all runbook links under $RUNBOOK_URL"
+    [ "$all" -gt 0 ] && [ "$ours" = "$all" ] &&
+        cmp -s <(sed -e "s|$RUNBOOK_URL#|file:///usr/share/doc/edgegate/runbook.md#|" -e '$a\' "$RULES") \
+            <(sed -e '$a\' "$ROOT/usr/share/edgegate/monitoring/alerts.yml")
+}
+check "alert rules written with every runbook_url under edgegate_runbook_url, otherwise the package's" rules_linked
 
 # ---------------------------------------------------------------------------
 step "second run: idempotence"

@@ -121,6 +121,7 @@ for f in usr/bin/edgegate usr/lib/systemd/system/edgegate.service \
     usr/lib/sysctl.d/60-edgegate.conf usr/lib/sysusers.d/edgegate.conf \
     etc/edgegate/edgegate.toml usr/share/man/man1/edgegate.1.gz \
     usr/share/doc/edgegate/copyright usr/share/doc/edgegate/changelog.Debian.gz \
+    usr/share/doc/edgegate/runbook.md usr/share/edgegate/monitoring/alerts.yml \
     usr/share/lintian/overrides/edgegate; do
     check "package contains /$f" deb_has "$f"
 done

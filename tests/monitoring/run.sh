@@ -103,20 +103,33 @@ check "promtool test rules monitoring/alerts.test.yml (alerts fire on synthetic 
     promtool test rules monitoring/alerts.test.yml
 
 # Each alert: a test case where it fires and one where it must not (below the
-# threshold or before its `for:`), a runbook_url under the repository of
-# Cargo.toml whose anchor is a heading of docs/runbook.md, and no runbook
-# section for an alert that does not exist. Links to runbook anchors (its own,
-# and from the other docs) must resolve too. Line-based, so no YAML module is
-# needed: the files keep one `- alert:` / `alertname:` / `exp_alerts:` /
-# `runbook_url:` per line.
+# threshold or before its `for:`), a runbook_url under the base the package
+# installs the runbook at (file:///usr/share/doc/edgegate/runbook.md, the
+# Ansible role's default and what it replaces) whose anchor is a heading of
+# docs/runbook.md, and no runbook section for an alert that does not exist.
+# Links to runbook anchors (its own, and from the other docs) must resolve
+# too. Line-based, so no YAML module is needed: the files keep one
+# `- alert:` / `alertname:` / `exp_alerts:` / `runbook_url:` per line.
 check "every alert has a firing and a quiet test case, and a runbook_url to its docs/runbook.md section" \
-    python3 - monitoring/alerts.yml monitoring/alerts.test.yml docs/runbook.md Cargo.toml \
+    python3 - monitoring/alerts.yml monitoring/alerts.test.yml docs/runbook.md gateway/Cargo.toml \
+    ansible/roles/edgegate/vars/main.yml ansible/roles/edgegate/defaults/main.yml \
     docs/capacity.md docs/monitoring.md <<'EOF'
 import re, sys
-rules_path, tests_path, runbook_path, cargo_path, *linking = sys.argv[1:]
+rules_path, tests_path, runbook_path, package_path, role_vars, role_defaults, *linking = sys.argv[1:]
 
-repo = re.search(r'^repository\s*=\s*"([^"]+)"', open(cargo_path).read(), re.M).group(1)
-prefix = repo.rstrip("/") + "/blob/main/docs/runbook.md#"
+def setting(path, name):
+    m = re.search(rf'^{name}:\s*"?([^"\s]+)"?\s*$', open(path).read(), re.M)
+    return m.group(1) if m else None
+
+problems = []
+base = setting(role_vars, "edgegate_packaged_runbook_url")
+if setting(role_defaults, "edgegate_runbook_url") != base:
+    problems.append(f"{role_defaults}: edgegate_runbook_url is not {role_vars}'s {base}")
+# The default base opens on the host: the package installs the runbook there.
+installed = base.removeprefix("file:///")
+if not re.search(rf'\["\.\./{re.escape(runbook_path)}",\s*"{re.escape(installed)}"', open(package_path).read()):
+    problems.append(f"{package_path}: does not install {runbook_path} at /{installed} ({base})")
+prefix = base + "#"
 
 alerts, current = {}, None
 for line in open(rules_path):
@@ -154,7 +167,6 @@ for line in open(tests_path):
         (quiet if m.group(1) == "[]" else firing).add(current)
         current = None
 
-problems = []
 if len(alerts) == 0:
     problems.append(f"no alerts found in {rules_path}")
 for name in sorted((firing | quiet) - set(alerts)):

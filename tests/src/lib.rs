@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edgegate::{Config, Gateway};
 use edgegate_link::service::{Event, Service, ServiceConfig};
@@ -61,6 +61,32 @@ pub struct TestCert {
 impl TestCert {
     pub fn generate(dir: &Path) -> Self {
         let (cert_pem, key_pem) = edgegate::tls::self_signed().expect("generate certificate");
+        let cert_path = dir.join("cert.pem");
+        let key_path = dir.join("key.pem");
+        std::fs::write(&cert_path, &cert_pem).unwrap();
+        std::fs::write(&key_path, key_pem).unwrap();
+        Self {
+            cert_path,
+            key_path,
+            cert_pem,
+        }
+    }
+
+    /// As [`TestCert::generate`], valid for the 30 days up to `not_after`
+    /// (which may be past: an expired certificate still loads).
+    pub fn generate_valid_until(dir: &Path, not_after: SystemTime) -> Self {
+        let at = |t: SystemTime| {
+            let secs = t.duration_since(UNIX_EPOCH).expect("after 1970");
+            rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(secs.as_secs())
+        };
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("certificate names");
+        params.not_before = at(not_after - Duration::from_secs(30 * 86_400));
+        params.not_after = at(not_after);
+        let key = rcgen::KeyPair::generate().expect("generate key");
+        let cert = params.self_signed(&key).expect("sign certificate");
+        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
         let cert_path = dir.join("cert.pem");
         let key_path = dir.join("key.pem");
         std::fs::write(&cert_path, &cert_pem).unwrap();
