@@ -1076,7 +1076,7 @@ where
         shared.metrics.messages_out.inc();
         shared.metrics.bytes_out.inc_by(len as u64);
         n += 1;
-        if n % WRITE_BATCH == 0 {
+        if n.is_multiple_of(WRITE_BATCH) {
             ws.flush().await?;
         }
     }

@@ -112,7 +112,7 @@ async fn serve_link(stream: TcpStream, log: Log, paused: Arc<AtomicBool>) {
             _ = tick.tick() => {
                 ticks += 1;
                 // Proof of life every 200 ms, even while not reading.
-                if ticks % 10 == 0 && writer.send(Frame::Ping { nonce: ticks }).await.is_err() {
+                if ticks.is_multiple_of(10) && writer.send(Frame::Ping { nonce: ticks }).await.is_err() {
                     return;
                 }
             }

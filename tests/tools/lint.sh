@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The guards: formatting, clippy with warnings as errors, the import-graph
-# ratchet of gateway/src and link/src (import_graph.toml), and the links of
-# every Markdown file (doc_links.py: each file, folder and #anchor linked
-# exists). Each check is one pass or one fail;
+# ratchet of gateway/src and link/src (import_graph.toml), the links of every
+# Markdown file (doc_links.py: each file, folder and #anchor linked exists),
+# and Cargo.toml's rust-version against what Cargo.lock's crates declare
+# (msrv.py). Each check is one pass or one fail;
 # ends with "N passed, M failed" and exits non-zero if anything failed.
 #
 #   bash tests/tools/lint.sh
@@ -49,6 +50,7 @@ check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 check tools-unit python3 -B -m unittest discover -s tests/tools
 check import-graph python3 -B tests/tools/import_graph.py
 check doc-links python3 -B tests/tools/doc_links.py
+check rust-version python3 -B tests/tools/msrv.py
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

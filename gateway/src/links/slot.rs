@@ -222,7 +222,7 @@ async fn run_slot(
             Err(e) => {
                 failures += 1;
                 // First failure and then every 10th: a dead service must not flood the log.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     warn!(service = %config.name, %addr, failures, error = %e, "link dial failed");
                 } else {
                     debug!(service = %config.name, %addr, failures, error = %e, "link dial failed");
