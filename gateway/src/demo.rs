@@ -1,5 +1,10 @@
 //! `edgegate demo`: a gateway with a fresh self-signed certificate and the
 //! example service over a real TCP link, on loopback.
+//!
+//! The demo's config takes the same `EDGEGATE_<SECTION>__<KEY>` environment
+//! overrides as `edgegate run` (the benchmark raises `limits.max_clients`
+//! and sets `runtime.worker_threads` this way), so it is written and checked
+//! before the runtime is built: [`prepare`], then [`run`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,11 +50,16 @@ pub enum DemoError {
 }
 
 /// Writes the demo's certificate and config into `dir` and returns the
-/// checked config: the demo runs the same pipeline as `edgegate run`.
+/// checked config with `env`'s `EDGEGATE_` overrides applied: the demo runs
+/// the same pipeline as `edgegate run`.
 ///
 /// # Errors
 /// [`DemoError`] when files cannot be written or the config does not check.
-pub fn demo_config(dir: &std::path::Path, opts: &DemoOptions) -> Result<Config, DemoError> {
+pub fn demo_config(
+    dir: &std::path::Path,
+    opts: &DemoOptions,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, DemoError> {
     let files = |source| DemoError::Files {
         dir: dir.to_owned(),
         source,
@@ -105,7 +115,27 @@ lb_grace_secs = 0
     );
     let path = dir.join("edgegate.toml");
     std::fs::write(&path, &text).map_err(files)?;
-    Ok(Config::from_toml(&path, &text, std::iter::empty())?)
+    Ok(Config::from_toml(&path, &text, env)?)
+}
+
+/// The demo's files and checked config, before its runtime exists.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Holds the certificate and config; removed when the demo ends.
+    pub dir: PathBuf,
+    /// The runtime is built from `config.runtime.worker_threads`.
+    pub config: Config,
+}
+
+/// Writes the demo's files in a fresh temp directory and checks its config,
+/// with the process environment's `EDGEGATE_` overrides.
+///
+/// # Errors
+/// [`DemoError`] when files cannot be written or the config does not check.
+pub fn prepare(opts: &DemoOptions) -> Result<Prepared, DemoError> {
+    let dir = std::env::temp_dir().join(format!("edgegate-demo-{}", std::process::id()));
+    let config = demo_config(&dir, opts, std::env::vars())?;
+    Ok(Prepared { dir, config })
 }
 
 /// Runs the demo until SIGTERM or Ctrl-C, through the same lifecycle as
@@ -113,9 +143,8 @@ lb_grace_secs = 0
 ///
 /// # Errors
 /// [`DemoError`] when a port is taken or the files cannot be written.
-pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
-    let dir = std::env::temp_dir().join(format!("edgegate-demo-{}", std::process::id()));
-    let config = demo_config(&dir, &opts)?;
+pub async fn run(opts: DemoOptions, prepared: Prepared) -> Result<(), DemoError> {
+    let Prepared { dir, config } = prepared;
     let service_listener = TcpListener::bind(opts.service_addr)
         .await
         .map_err(|source| DemoError::Service {
@@ -160,4 +189,44 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     let _ = service.await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(result?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> DemoOptions {
+        let any = "127.0.0.1:0".parse().unwrap();
+        DemoOptions {
+            client_addr: any,
+            service_addr: any,
+            admin_addr: any,
+        }
+    }
+
+    #[test]
+    fn the_demo_config_takes_edgegate_overrides_like_run() {
+        let dir = std::env::temp_dir().join(format!("edgegate-demo-test-{}", std::process::id()));
+        let plain = demo_config(&dir, &opts(), std::iter::empty()).unwrap();
+        assert_eq!(plain.limits.max_clients, 10_000);
+        let env = [
+            (
+                "EDGEGATE_LIMITS__MAX_CLIENTS".to_owned(),
+                "19500".to_owned(),
+            ),
+            (
+                "EDGEGATE_RUNTIME__WORKER_THREADS".to_owned(),
+                "3".to_owned(),
+            ),
+        ];
+        let raised = demo_config(&dir, &opts(), env).unwrap();
+        assert_eq!(raised.limits.max_clients, 19_500);
+        assert_eq!(raised.runtime.worker_threads, 3);
+        let bad = [("EDGEGATE_LIMITS__MAX_CLIENTZ".to_owned(), "1".to_owned())];
+        assert!(matches!(
+            demo_config(&dir, &opts(), bad),
+            Err(DemoError::Config(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

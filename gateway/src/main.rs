@@ -265,20 +265,27 @@ fn main() -> ExitCode {
             admin,
         } => {
             init_logging();
-            let runtime = match edgegate::runtime::build(edgegate::config::default_worker_threads())
-            {
+            let opts = edgegate::demo::DemoOptions {
+                client_addr: listen,
+                service_addr: service,
+                admin_addr: admin,
+            };
+            let prepared = match edgegate::demo::prepare(&opts) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("edgegate: {e}");
+                    let config = matches!(e, edgegate::demo::DemoError::Config(_));
+                    return ExitCode::from(if config { EX_CONFIG } else { EX_SOFTWARE });
+                }
+            };
+            let runtime = match edgegate::runtime::build(prepared.config.runtime.worker_threads) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("edgegate: cannot build the runtime: {e}");
                     return ExitCode::from(EX_SOFTWARE);
                 }
             };
-            let opts = edgegate::demo::DemoOptions {
-                client_addr: listen,
-                service_addr: service,
-                admin_addr: admin,
-            };
-            match runtime.block_on(edgegate::demo::run(opts)) {
+            match runtime.block_on(edgegate::demo::run(opts, prepared)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("edgegate: {e}");

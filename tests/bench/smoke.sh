@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # CI smoke of the benchmark machinery: builds the debug binaries it needs, runs
 # a few hundred idle clients and a few seconds of echo against a real gateway,
-# and ends with the line `N passed, M failed`. Never judges the numbers.
+# then fan-out to a few dozen subscribers on EdgeGate (`run` and `demo`), the
+# write floor and nginx + nchan (skipped, saying so, when it is not installed
+# and cannot be), and ends with the line `N passed, M failed`. Never judges
+# the numbers.
 # First the unit tests of the benchmark's parsing and report pieces
 # (tests/bench/test_bench.py), with their own `N passed, M failed` line.
 #
@@ -10,8 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 
 if ! cargo build -q -p edgegate -p edgegate-tests -p edgegate-link \
-        --bin edgegate --bin edgegate-load --example example_service; then
-    echo "FAIL build of edgegate, edgegate-load and example_service"
+        --bin edgegate --bin edgegate-load --bin edgegate-write-floor --example example_service; then
+    echo "FAIL build of edgegate, edgegate-load, edgegate-write-floor and example_service"
     echo "0 passed, 1 failed"
     exit 1
 fi

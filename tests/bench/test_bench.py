@@ -8,8 +8,8 @@ import json
 import os
 import unittest
 
-from edgegate_bench import (fit_slope, histogram_buckets, histogram_quantile, markdown,
-                            merge_reports, metric_sum, percentiles)
+from edgegate_bench import (Deliveries, fanout_tables, fit_slope, histogram_buckets, histogram_quantile,
+                            markdown, merge_reports, metric_sum, percentiles, summarize)
 from edgegate_bench.report import fmt, kib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,6 +82,42 @@ class LoadReports(unittest.TestCase):
         ])
         self.assertEqual((r["sent"], r["received"], r["count"]), (10, 9, 9))
         self.assertEqual((r["p50_ms"], r["max_ms"]), (1.0, 3.0))
+
+
+def subscriber_report(received, messages, buckets):
+    return {"sent": 0, "received": received, "messages": messages, "latency": {"buckets": buckets}}
+
+
+class Fanout(unittest.TestCase):
+    def test_deliveries_merge_processes_per_publish(self):
+        d = Deliveries()
+        # Two processes, two publishes (send timestamps 100 and 200), 3 subscribers.
+        d.add(subscriber_report(3, [[100, 2, 5000], [200, 1, 9000]], [[5000, 3]]))
+        d.add(subscriber_report(3, [[100, 1, 7000], [200, 2, 4000]], [[7000, 3]]))
+        s = d.summary(subscribers=3, publishes=2)
+        self.assertEqual((s["deliveries"], s["expected_deliveries"], s["lost"], s["extra"]), (6, 6, 0, 0))
+        self.assertEqual((s["publishes_seen"], s["publishes_complete"]), (2, 2))
+        self.assertEqual(s["last_delivery_ms"], {"median": 8.0, "max": 9.0, "per_publish": [7.0, 9.0]})
+
+    def test_a_missing_delivery_is_lost_and_its_publish_incomplete(self):
+        d = Deliveries()
+        d.add(subscriber_report(3, [[100, 2, 5000], [200, 1, 9000]], [[5000, 3]]))
+        s = d.summary(subscribers=2, publishes=2)
+        self.assertEqual((s["lost"], s["publishes_complete"], s["per_publish_deliveries"]), (1, 1, [2, 1]))
+        self.assertEqual(Deliveries().summary(2, 3)["lost"], 6)
+
+    def test_summary_is_the_median_over_rounds_and_the_table_shows_the_range(self):
+        rows = [{"system": "nchan", "subscribers": 3000, "p99_ms": v, "lost": 0, "loadavg_end": "4.0 3.0 2.0",
+                 "last_delivery_ms": {"median": v + 1}} for v in (60.0, 70.0, 90.0)]
+        rows.append({"system": "floor", "subscribers": 3000, "error": "RuntimeError: boom", "loadavg_end": "1 1 1"})
+        s = summarize(rows)
+        self.assertEqual(s["nchan"]["3000"]["p99_ms"], {"median": 70.0, "min": 60.0, "max": 90.0})
+        self.assertEqual(s["nchan"]["3000"]["rounds"], 3)
+        self.assertEqual(s["floor"]["3000"]["errors"], ["RuntimeError: boom"])
+        md = "\n".join(fanout_tables({"summary": s, "subscribers": [3000], "rounds": 3, "publishes": 20,
+                                       "interval_ms": 250, "workers": 1, "runs": rows}))
+        self.assertIn("| 3,000 | 70 (60–90) ms |", md)
+        self.assertIn("| 3,000 | floor | error: RuntimeError: boom |", md)
 
 
 class Report(unittest.TestCase):

@@ -24,13 +24,17 @@
 //! Every message a client sends starts with the wall-clock send time as a
 //! `u64` big-endian count of nanoseconds since the Unix epoch, so latency can
 //! be measured by a different process on the same host (fan-out) as well as
-//! by the sender (echo). Latencies are recorded in microseconds.
+//! by the sender (echo). Latencies are recorded in microseconds. A fan-out
+//! process also counts deliveries per message ([`Shared::track_messages`]):
+//! the send timestamp names the publish, so a driver can tell for each publish
+//! how many subscribers got it and when the last one did.
 //!
 //! # Memory
 //! A held client is its task, the TLS connection and a WebSocket stream with
 //! a small read buffer ([`WS_READ_BUFFER_BYTES`]) and no write buffer; one
 //! process must hold ~19k of them under its descriptor limit.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -170,6 +174,9 @@ pub struct Target {
     pub addr: SocketAddr,
     /// WebSocket request path (may carry a query).
     pub path: String,
+    /// Where a [`Role::Publisher`] connects instead of `path` (a pub/sub
+    /// server with separate publish and subscribe endpoints, e.g. nchan).
+    pub publisher_path: Option<String>,
     /// Host name sent as SNI and `Host`.
     pub server_name: String,
     pub proto: Proto,
@@ -299,6 +306,14 @@ async fn framed_hello(
 /// # Errors
 /// Any connect, TLS or upgrade error.
 pub async fn connect(target: &Target, source: IpAddr) -> Result<Conn, BoxError> {
+    connect_to(target, source, &target.path).await
+}
+
+/// [`connect`] to `path` instead of `target.path`.
+///
+/// # Errors
+/// Any connect, TLS or upgrade error.
+pub async fn connect_to(target: &Target, source: IpAddr, path: &str) -> Result<Conn, BoxError> {
     let socket = if target.addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -316,7 +331,7 @@ pub async fn connect(target: &Target, source: IpAddr) -> Result<Conn, BoxError> 
                 "wss://{}:{}{}",
                 target.server_name,
                 target.addr.port(),
-                target.path
+                path
             )
             .into_client_request()?;
             // Keep the Host header free of the port so proxies route it plainly.
@@ -341,7 +356,7 @@ pub async fn connect(target: &Target, source: IpAddr) -> Result<Conn, BoxError> 
                 .max_frame_length(MAX_FRAME_BYTES)
                 .new_codec();
             let mut framed = Framed::new(tls, codec);
-            framed_hello(&mut framed, &target.path).await?;
+            framed_hello(&mut framed, path).await?;
             Ok(Conn::Framed(framed))
         }
     }
@@ -381,7 +396,9 @@ pub enum Role {
     /// Sends a timestamped message every `period` while sending is on,
     /// starting `offset` after the start so a process's senders spread out.
     Periodic { period: Duration, offset: Duration },
-    /// Sends one timestamped message per publish generation.
+    /// Sends one timestamped message per publish generation, on
+    /// [`Target::publisher_path`] if set; records nothing it receives (a
+    /// server's replies to a publisher are not deliveries).
     Publisher,
 }
 
@@ -431,6 +448,17 @@ pub struct Shared {
     pub close_codes: Mutex<std::collections::BTreeMap<u16, usize>>,
     /// Up to this many errors are printed to stderr, then only counted.
     errors_printed: AtomicUsize,
+    /// Per received message (keyed by its send timestamp): deliveries and
+    /// the slowest one, when [`Shared::track_messages`] turned it on.
+    messages: Option<Mutex<HashMap<u64, Delivered>>>,
+}
+
+/// Deliveries of one message (one publish) in this process.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub count: u64,
+    /// Latency of the last delivery, microseconds.
+    pub max_us: u64,
 }
 
 impl Shared {
@@ -441,7 +469,16 @@ impl Shared {
             payload_bytes: payload_bytes.max(TIMESTAMP_BYTES),
             close_codes: Mutex::default(),
             errors_printed: AtomicUsize::new(0),
+            messages: None,
         }
+    }
+
+    /// Also counts deliveries per message (fan-out: a few publishes, each
+    /// delivered many times). Not for echo, where every message is distinct.
+    #[must_use]
+    pub fn track_messages(mut self) -> Self {
+        self.messages = Some(Mutex::default());
+        self
     }
 
     fn note_close(&self, code: u16) {
@@ -466,10 +503,29 @@ impl Shared {
         let sent = u64::from_be_bytes(sent.try_into().expect("8 bytes"));
         let us = now_unix_nanos().saturating_sub(sent) / 1000;
         self.counters.received.fetch_add(1, Ordering::Relaxed);
+        if let Some(messages) = &self.messages {
+            let mut m = messages.lock().expect("messages lock");
+            let d = m.entry(sent).or_default();
+            d.count += 1;
+            d.max_us = d.max_us.max(us);
+        }
         self.latency
             .lock()
             .expect("histogram lock")
             .saturating_record(us.max(1));
+    }
+
+    /// Takes the per-message deliveries recorded since the last take, by
+    /// send timestamp (empty unless [`Shared::track_messages`]).
+    pub fn take_messages(&self) -> Vec<(u64, Delivered)> {
+        let Some(messages) = &self.messages else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = std::mem::take(&mut *messages.lock().expect("messages lock"))
+            .into_iter()
+            .collect();
+        v.sort_unstable_by_key(|(sent, _)| *sent);
+        v
     }
 
     /// Takes the histogram, leaving an empty one.
@@ -553,8 +609,12 @@ async fn client(
     permit: OwnedSemaphorePermit,
 ) {
     let source = target.sources[index % target.sources.len()];
+    let path = match (role, &target.publisher_path) {
+        (Role::Publisher, Some(p)) => p.as_str(),
+        _ => target.path.as_str(),
+    };
     let c = &shared.counters;
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, source)).await;
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, connect_to(&target, source, path)).await;
     drop(permit);
     let mut conn = match first {
         Ok(Ok(conn)) => {
@@ -587,7 +647,7 @@ async fn client(
                 storm_seen = generation;
                 // Drop, not close: the storm models clients losing the network.
                 drop(conn);
-                match reconnect(&target, source, &shared, &control).await {
+                match reconnect(&target, source, path, &shared, &control).await {
                     Some(new) => conn = new,
                     None => return,
                 }
@@ -600,6 +660,7 @@ async fn client(
 async fn reconnect(
     target: &Target,
     source: IpAddr,
+    path: &str,
     shared: &Shared,
     control: &watch::Receiver<Control>,
 ) -> Option<Conn> {
@@ -609,7 +670,7 @@ async fn reconnect(
         if control.borrow().stop {
             return None;
         }
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect(target, source)).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect_to(target, source, path)).await {
             Ok(Ok(conn)) => {
                 c.reconnected.fetch_add(1, Ordering::Relaxed);
                 return Some(conn);
@@ -666,7 +727,9 @@ async fn session(
                 }
                 msg = conn.recv() => match msg {
                     Received::Message(payload) => {
-                        shared.record(&payload);
+                        if role != Role::Publisher {
+                            shared.record(&payload);
+                        }
                         continue;
                     }
                     Received::Failed(e) => {
@@ -798,5 +861,27 @@ mod tests {
         let h = shared.take_latency();
         assert_eq!(h.len(), 1);
         assert!(h.max() < 1_000_000);
+        assert!(
+            shared.take_messages().is_empty(),
+            "not tracked unless asked"
+        );
+    }
+
+    #[test]
+    fn tracked_messages_count_deliveries_per_publish() {
+        let shared = Shared::new(16).track_messages();
+        let a = timestamped(16);
+        let mut b = BytesMut::from(&a[..]);
+        let later = u64::from_be_bytes(a[..8].try_into().unwrap()) + 1;
+        b[..8].copy_from_slice(&later.to_be_bytes());
+        let b = b.freeze();
+        for m in [&a, &b, &a, &a] {
+            shared.record(m);
+        }
+        let m = shared.take_messages();
+        let counts: Vec<u64> = m.iter().map(|(_, d)| d.count).collect();
+        assert_eq!(counts, [3, 1], "sorted by send time: a then b");
+        assert!(m[0].0 <= m[1].0);
+        assert!(shared.take_messages().is_empty(), "taken");
     }
 }

@@ -9,11 +9,12 @@ import subprocess
 import tempfile
 import time
 
+from .fanout import run_fanout
 from .host import RESULTS, ROOT, loadavg, log, machine
 from .load import PER_PROCESS_MAX
 from .report import markdown
 from .scenarios import Bench, SCENARIOS
-from .systems import SYSTEM_NAMES, ensure_proxies, make_cert
+from .systems import FANOUT_SYSTEMS, PROXY_SYSTEMS, SYSTEM_NAMES, ensure_proxies, make_cert
 
 
 def build(profile):
@@ -26,7 +27,9 @@ def build(profile):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", default=",".join(SYSTEM_NAMES), help="comma list of edgegate,edgegate-lean,haproxy,nginx")
+    ap.add_argument("--systems", default=",".join(SYSTEM_NAMES),
+                    help=f"comma list of {','.join(SYSTEM_NAMES)}: scenarios 1-3 run on {','.join(PROXY_SYSTEMS)}, "
+                         f"4 (fanout) on {','.join(FANOUT_SYSTEMS)}, 5-6 on edgegate")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--steps", default="1000,5000,10000,15000", help="idle client counts (cumulative)")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds after each step before reading memory")
@@ -39,7 +42,12 @@ def parse_args(argv=None):
     ap.add_argument("--echo-rate", type=float, default=1000.0, help="echo messages per second, all clients")
     ap.add_argument("--echo-secs", type=float, default=15.0)
     ap.add_argument("--payload-bytes", type=int, default=64)
-    ap.add_argument("--subscribers", type=int, default=15000)
+    ap.add_argument("--subscribers", default="3000,9000,15000", help="fan-out subscriber counts, one round each")
+    ap.add_argument("--rounds", type=int, default=1, help="fan-out rounds (the report gives the median and range)")
+    ap.add_argument("--fanout-workers", type=int, default=0,
+                    help="fan-out: edgegate worker_threads = nginx worker_processes (0: EdgeGate's default, cores - 1)")
+    ap.add_argument("--no-fanout-storm", dest="fanout_storm", action="store_false",
+                    help="fan-out: skip the reconnect storm of the subscribers after the publishes")
     ap.add_argument("--publishes", type=int, default=20)
     ap.add_argument("--publish-interval-ms", type=int, default=250)
     ap.add_argument("--storm-clients", type=int, default=15000)
@@ -55,8 +63,14 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=os.path.join(RESULTS, "latest"), help="output path without extension")
     args = ap.parse_args(argv)
     args.steps = [int(x) for x in args.steps.split(",") if x]
+    args.subscribers = [int(x) for x in args.subscribers.split(",") if x]
+    if args.fanout_workers <= 0:
+        args.fanout_workers = max(1, (os.cpu_count() or 2) - 1)
     args.systems = [x for x in args.systems.split(",") if x]
     args.scenarios = [x for x in args.scenarios.split(",") if x]
+    unknown = [n for n in args.systems if n not in SYSTEM_NAMES]
+    if unknown:
+        ap.error(f"unknown system(s) {','.join(unknown)}; known: {','.join(SYSTEM_NAMES)}")
     if args.target:
         args.systems = ["edgegate"]
     if args.per_process > PER_PROCESS_MAX:
@@ -79,11 +93,17 @@ def main(argv=None):
     work_root = tempfile.mkdtemp(prefix="edgegate-bench-")
     try:
         cert = make_cert(work_root) if not args.target else None
+        per_system = set(args.scenarios) - {"fanout"}
         for name in args.systems:
+            if not per_system or (name not in PROXY_SYSTEMS and not args.target):
+                continue
             work = os.path.join(work_root, name)
             os.makedirs(work, exist_ok=True)
             bench.run_system(name, work, cert, results)
             time.sleep(3)  # sockets of the last system close before the next measures Slab
+        fanout_systems = [n for n in args.systems if n in FANOUT_SYSTEMS]
+        if "fanout" in args.scenarios and fanout_systems:
+            results["fanout_peers"] = run_fanout(bench, fanout_systems, work_root, cert)
     finally:
         bench.load.stop()
     results["loadavg_end"] = loadavg()

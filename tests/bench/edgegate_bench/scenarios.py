@@ -1,5 +1,6 @@
-"""The scenarios (idle-memory, handshake, echo, fanout, storm, poll-delay) and
-the run of every scenario against one system."""
+"""The scenarios (idle-memory, handshake, echo, storm, poll-delay) and the
+run of them against one system; fan-out, side by side over systems and
+subscriber counts, is in fanout.py."""
 
 import os
 import shutil
@@ -9,7 +10,7 @@ from .host import PAGE_KIB, ROOT, cpu_secs, loadavg, log, meminfo_kib, rss_kib, 
 from .load import Load, SourcePool, merge_reports
 from .prom import PollDelay, metric_sum, scrape
 from .report import fit_slope
-from .systems import EdgeGate, EdgeGateLean, HAProxy, Nginx, Remote
+from .systems import EdgeGate, EdgeGateDemo, EdgeGateLean, Floor, HAProxy, Nchan, Nginx, Remote
 
 
 SCENARIOS = ("idle-memory", "handshake", "echo", "fanout", "storm", "poll-delay")
@@ -25,15 +26,17 @@ class Bench:
             "edgegate-load": os.path.join(target_dir, "edgegate-load"),
             "ws-echo-backend": os.path.join(target_dir, "ws-echo-backend"),
             "edgegate-bench-plot": os.path.join(target_dir, "edgegate-bench-plot"),
+            "edgegate-write-floor": os.path.join(target_dir, "edgegate-write-floor"),
             "example_service": os.path.join(target_dir, "examples", "example_service"),
         }
         self.load = Load(self.bins["edgegate-load"], self.pool, args.per_process)
 
-    def system(self, name, work, cert):
+    def system(self, name, work, cert, workers=None):
         if self.args.target:
             return Remote(self.args.target, self.args.admin)
-        cls = {"edgegate": EdgeGate, "edgegate-lean": EdgeGateLean, "haproxy": HAProxy, "nginx": Nginx}[name]
-        return cls(work, self.bins, cert, self.args.workers)
+        cls = {"edgegate": EdgeGate, "edgegate-lean": EdgeGateLean, "edgegate-demo": EdgeGateDemo,
+               "haproxy": HAProxy, "nginx": Nginx, "nchan": Nchan, "floor": Floor}[name]
+        return cls(work, self.bins, cert, self.args.workers if workers is None else workers)
 
     def idle_memory_and_handshakes(self, sys_, path):
         """Scenarios 1 and 2: add idle clients in steps; RSS and Slab after each
@@ -139,46 +142,6 @@ class Bench:
             f"({out['received']}/{out['sent']}), load {out['loadavg']}")
         return out
 
-    def fanout(self, sys_):
-        """Scenario 4: `subscribers` clients on /chat; one publishes
-        `publishes` messages; every subscriber times each delivery."""
-        a = self.args
-        procs, connected, failed = self.load.group(sys_.target, "/chat", a.subscribers, "subscribe",
-                                                   ["--concurrency", str(a.concurrency),
-                                                    "--payload-bytes", str(a.payload_bytes)],
-                                                   publisher=True)
-        time.sleep(a.settle)  # subscriptions reach the gateway
-        for p in procs:
-            p.send("report")
-        for p in procs:
-            p.wait("report", 30)
-        poll = PollDelay(sys_.admin)
-        poll.start()
-        queued = PollDelay(sys_.admin, "edgegate_publish_delivery_seconds")
-        queued.start()
-        cpu0 = cpu_secs(sys_.pids())
-        procs[0].send(f"publish {a.publishes} {a.publish_interval_ms}")
-        procs[0].wait("published", 60 + a.publishes * a.publish_interval_ms / 1000)
-        time.sleep(2.0)
-        cpu1 = cpu_secs(sys_.pids())
-        pd = poll.stop()
-        gateway_queue = queued.stop()
-        for p in procs:
-            p.send("report")
-        out = merge_reports([p.wait("report", 30) for p in procs])
-        out["gateway_queue_all_subscribers"] = gateway_queue
-        expected = a.publishes * connected
-        deliveries = out["received"]
-        out.update({"subscribers": connected, "failed": failed, "publishes": a.publishes,
-                    "interval_ms": a.publish_interval_ms, "expected_deliveries": expected,
-                    "deliveries": deliveries, "cpu_secs": round(cpu1 - cpu0, 3),
-                    "cpu_us_per_delivery": round((cpu1 - cpu0) * 1e6 / deliveries, 3) if deliveries and sys_.pids() else None,
-                    "poll_delay": pd, "loadavg": loadavg()})
-        self.load.stop(procs)
-        log(f"fanout: {deliveries}/{expected} deliveries, p50 {out['p50_ms']} p99 {out['p99_ms']} "
-            f"max {out['max_ms']} ms, {out['cpu_us_per_delivery']} us CPU/delivery, poll p99 {pd.get('p99_ms')}")
-        return out
-
     def storm(self, sys_):
         """Scenario 5: `storm_clients` idle clients drop and reconnect at once
         while `witnesses` already-connected clients keep timing echoes."""
@@ -257,16 +220,12 @@ class Bench:
                     entry["echo"] = self.echo(sys_, sys_.echo_path, poll)
                 self.load.stop()
             if name == "edgegate":
-                if "fanout" in want:
-                    time.sleep(2)
-                    results["fanout"] = self.fanout(sys_)
                 if "storm" in want:
                     time.sleep(2)
                     results["storm"] = self.storm(sys_)
                 if "poll-delay" in want:
                     results["poll_delay"] = {
                         "echo": entry.get("echo", {}).get("poll_delay"),
-                        "fanout": results.get("fanout", {}).get("poll_delay"),
                         "storm": results.get("storm", {}).get("poll_delay")}
         except Exception as e:  # a failed system is reported, the others still run
             log(f"{name}: {type(e).__name__}: {e}")

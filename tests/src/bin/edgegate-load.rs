@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `idle` | hold the connection and answer pings |
 //! | `echo` | the first `--active` clients send timestamped messages, `--rate` per second in all, while sending is on; echoed messages are timed |
-//! | `subscribe` | hold and time every timestamped message they get (connect to `/chat`); with `--publisher`, client 0 publishes one message per `publish` |
+//! | `subscribe` | hold and time every timestamped message they get (connect to `/chat`), and count deliveries per message; with `--publisher`, client 0 publishes one message per `publish` (on `--publisher-path` if given) and is not a subscriber |
 //! | `storm` | like `idle`; the `storm` command makes them all drop and reconnect at once |
 //!
 //! Every mode takes every command. Commands, one per line on stdin:
@@ -16,7 +16,7 @@
 //! | command | does | prints |
 //! |---|---|---|
 //! | `start` / `pause` | echo senders start / stop sending | `{"event":"ack"}` |
-//! | `report` | latency histogram since the last report, counters; resets the histogram | `{"event":"report",...}` |
+//! | `report` | latency histogram since the last report, counters; resets the histogram; in `subscribe` mode also `messages`: `[send_ns, deliveries, last_delivery_us]` per message since the last report | `{"event":"report",...}` |
 //! | `publish N MS` | the publisher sends N messages, MS milliseconds apart | `{"event":"published"}` |
 //! | `storm` | every connected client drops and reconnects at once; waits until all are back | `{"event":"storm",...}` |
 //! | `stats` | counters, and `close_codes`: sessions the gateway closed, by close code | `{"event":"stats",...}` |
@@ -93,6 +93,10 @@ struct Args {
     /// Subscribe: client 0 publishes on `publish`.
     #[arg(long)]
     publisher: bool,
+    /// Subscribe: the publisher connects to this path instead of `--path`
+    /// (a server with separate publish and subscribe endpoints).
+    #[arg(long)]
+    publisher_path: Option<String>,
     /// Echo: start sending as soon as connected (no `start` needed).
     #[arg(long)]
     autostart: bool,
@@ -136,12 +140,18 @@ async fn run(args: Args, sources: Vec<std::net::IpAddr>) {
     let target = Arc::new(Target {
         addr: args.target,
         path: args.path.clone(),
+        publisher_path: args.publisher_path.clone(),
         server_name: args.server_name.clone(),
         proto: args.proto,
         sources,
         connector: insecure_connector(args.proto),
     });
-    let shared = Arc::new(Shared::new(args.payload_bytes));
+    let shared = Shared::new(args.payload_bytes);
+    let shared = Arc::new(if args.mode == Mode::Subscribe {
+        shared.track_messages()
+    } else {
+        shared
+    });
     let (control_tx, control) = watch::channel(Control {
         sending: args.autostart,
         ..Control::default()
@@ -214,6 +224,11 @@ async fn run(args: Args, sources: Vec<std::net::IpAddr>) {
             }
             ["report"] => {
                 let h = shared.take_latency();
+                let messages: Vec<[u64; 3]> = shared
+                    .take_messages()
+                    .into_iter()
+                    .map(|(sent, d)| [sent, d.count, d.max_us])
+                    .collect();
                 let secs = window.elapsed().as_secs_f64();
                 window = Instant::now();
                 emit(json!({
@@ -224,6 +239,7 @@ async fn run(args: Args, sources: Vec<std::net::IpAddr>) {
                     "received": c.received.swap(0, Ordering::Relaxed),
                     "closed": c.closed.load(Ordering::Relaxed),
                     "latency": histogram_json(&h),
+                    "messages": messages,
                 }));
             }
             ["publish", n, ms] => {
