@@ -3,7 +3,8 @@
 # Debian's own 6.1 kernel and systemd as PID 1), installed by apt from a
 # signed local repository, and what an operator does with it: start, echo,
 # journald, metrics, reload with clients, watchdog, stop with 1000 clients,
-# a broken certificate, an upgrade, a purge.
+# a broken certificate, an upgrade (a handover under steady connects, with
+# idle clients that move to the new process), a purge.
 #
 #   sudo tests/lab/run.sh
 #
@@ -350,30 +351,49 @@ starts_again() { g systemctl start edgegate && [ "$(g systemctl is-active edgega
 check "with the certificate fixed the unit starts again" starts_again
 
 # ---------------------------------------------------------------------------
-step "9. apt upgrade to $NEW_VERSION: a handover under steady connects"
+step "9. apt upgrade to $NEW_VERSION: a handover under steady connects, with idle clients"
 # ---------------------------------------------------------------------------
 cp "$NEW_DEB" "$WORK/repo/" && lab_repo_index "$WORK/repo"
 lab_put "$VM" "$WORK"/repo/* /srv/edgegate-repo/
 # docs/install.md: the postinst runs `edgegate upgrade --wait`; the new binary
 # takes over the listening sockets and becomes MainPID, the old process drains
-# to it. Steady TLS connects from inside the guest (tests/lab/connects.py)
-# count every refusal, reset and timeout across it.
+# to it. Inside the guest: steady TLS connects (tests/lab/connects.py) count
+# every refusal, reset and timeout across it; idle clients (the load
+# generator, --reconnect) get 1001 from the old process and reconnect, to the
+# new one; tests/lab/overlap.py samples both processes' memory.
 lab_put "$VM" "$HERE/connects.py" /usr/local/bin/lab-connects
-g "mkdir -p /run/lab && systemd-run --quiet --unit=lab-connects python3 /usr/local/bin/lab-connects $CLIENT_PORT 20 /run/lab/connects.json"
+lab_put "$VM" "$HERE/overlap.py" /usr/local/bin/lab-overlap
+IDLE=300
+g "mkdir -p /run/lab && : >/run/lab/load.cmd && : >/run/lab/load.jsonl && systemd-run --quiet --unit=lab-idle -p LimitNOFILE=65536 \
+    sh -c 'tail -f /run/lab/load.cmd | /usr/local/bin/edgegate-load --target 127.0.0.1:$CLIENT_PORT --path /echo \
+    --mode idle --reconnect --clients $IDLE --concurrency 20 --sources 127.0.1.1-4 >/run/lab/load.jsonl 2>/run/lab/load.err'"
+idle_connected() { load_lines | grep '"event":"connected"' | grep "\"connected\":$IDLE," >/dev/null; }
+check "$IDLE idle clients connected (they reconnect when closed)" wait_for 300 idle_connected
+g "systemd-run --quiet --unit=lab-connects python3 /usr/local/bin/lab-connects $CLIENT_PORT 20 /run/lab/connects.json"
 connects_counted() { g test -s /run/lab/connects.json; }
 check "steady connects running in the guest (20/s)" wait_for 30 connects_counted
+g "systemd-run --quiet --unit=lab-overlap python3 /usr/local/bin/lab-overlap /run/lab/overlap.json"
+overlap_sampling() { g test -s /run/lab/overlap.json; }
+check "memory sampler running in the guest" wait_for 30 overlap_sampling
 PID_OLD=$(unit_prop MainPID)
 NRESTARTS_OLD=$(unit_prop NRestarts)
+# Clients in session on the client port, held by process $1 (ss -p).
+clients_of() { g "ss -Htnp state established '( sport = :$CLIENT_PORT )'" | grep -c "pid=$1,"; }
+echo "    before: MainPID $PID_OLD holds $(clients_of "$PID_OLD") clients; NRestarts $NRESTARTS_OLD"
 apt_upgrade() {
     g 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y' >"$WORK/apt-upgrade.log" 2>&1 &&
         [ "$(installed_version)" = "$NEW_VERSION" ]
 }
 upgrade_started=$(date +%s.%N)
+GUEST_UPGRADE_START=$(g date +%s.%N)
 check "apt-get upgrade installs $NEW_VERSION" apt_upgrade
+GUEST_UPGRADE_END=$(g date +%s.%N)
 UPGRADE_SECS=$(python3 -c "import time; print(round(time.time() - $upgrade_started, 1))")
 echo "    apt-get upgrade took $UPGRADE_SECS s (with the handover and the 10 s drain window)"
 grep -E '^(edgegate|ok |drained )' "$WORK/apt-upgrade.log" | sed 's/^/    /'
 check "apt ran the handover: the new binary serves" grep -q "the new binary serves" "$WORK/apt-upgrade.log"
+check "the old process drained its $IDLE idle clients (drained clients=N >= $IDLE)" \
+    awk -v n="$IDLE" '/^drained clients=/ { split($2, a, "="); if (a[2] >= n) ok = 1 } END { exit !ok }' "$WORK/apt-upgrade.log"
 PID_NEW=$(unit_prop MainPID)
 check "MainPID moved to the new process ($PID_OLD -> $PID_NEW)" \
     bash -c "[ '$PID_NEW' != '$PID_OLD' ] && [ '$PID_NEW' != 0 ]"
@@ -385,16 +405,45 @@ check "the new MainPID runs the installed /usr/bin/edgegate (not a deleted file)
 check "NRestarts unchanged ($NRESTARTS_OLD): a handover, not a restart" test "$(unit_prop NRestarts)" = "$NRESTARTS_OLD"
 old_gone() { ! g test -e "/proc/$PID_OLD"; }
 check "the old process is gone after its drain" wait_for 20 old_gone
+all_moved() {
+    local s
+    s=$(load_stats)
+    echo "$s"
+    [ "$(stat_field "$s" "live == $IDLE and close_codes.get('1001', 0) == $IDLE and reconnected == $IDLE and reconnect_failures == 0")" = True ]
+}
+check "all $IDLE idle clients got 1001 and reconnected, with no failed attempt" wait_for 30 all_moved
+MOVED=$(load_stats)
+echo "    idle clients: $MOVED"
+held_by_new() {
+    local n
+    n=$(clients_of "$PID_NEW")
+    echo "    MainPID $PID_NEW holds $n clients"
+    [ "$n" -ge "$IDLE" ]
+}
+check "the new process holds the $IDLE moved clients (ss -p)" held_by_new
 # WatchdogSec=30s: only the main process may pet it (NotifyAccess=main).
 sleep 35
 still_main() { [ "$(unit_prop ActiveState)" = active ] && [ "$(unit_prop MainPID)" = "$PID_NEW" ]; }
 check "35 s later (past WatchdogSec) the unit is active with the same MainPID" still_main
-g "systemctl stop lab-connects" >/dev/null 2>&1
+g "systemctl stop lab-connects lab-overlap" >/dev/null 2>&1
 sleep 1
 CONNECTS=$(g cat /run/lab/connects.json)
 echo "    connects across the upgrade: $CONNECTS"
+# Where any failure fell, and the handover's steps from the journal: seconds
+# from the start of apt-get upgrade (guest clock).
+g "journalctl -u edgegate -b -o short-unix --no-pager --since=@${GUEST_UPGRADE_START%.*}" |
+    grep -E 'upgrade|new process|taking over|now the main|handed over|draining|stopped|Supervising' |
+    awk -v t0="$GUEST_UPGRADE_START" '{ printf "    %+7.1f s ", $1 - t0; $1 = ""; print }' | head -n 20
+stat_field "$CONNECTS" "'\n'.join(f'    failed: {f[\"kind\"]} in {f[\"phase\"]} at {f[\"t\"] - $GUEST_UPGRADE_START:+.1f} s (apt-get upgrade ran 0 to {$GUEST_UPGRADE_END - $GUEST_UPGRADE_START:.1f} s)' for f in failures)"
 check "connects across the upgrade: none refused, reset, timed out or failed" \
     test "$(stat_field "$CONNECTS" 'attempted > 100 and ok == attempted')" = True
+OVERLAP=$(g cat /run/lab/overlap.json)
+echo "    memory: $OVERLAP"
+check "the sampler saw both processes at once (the overlap)" \
+    test "$(stat_field "$OVERLAP" "overlap_samples > 0 and '$PID_OLD' in map(str, pids_seen) and '$PID_NEW' in map(str, pids_seen)")" = True
+echo "    overlap: peak RSS of both processes $(stat_field "$OVERLAP" 'round(peak_overlap_kib / 1024, 1)') MiB" \
+    "(one process at most $(stat_field "$OVERLAP" 'round(peak_one_kib / 1024, 1)') MiB), for $(stat_field "$OVERLAP" 'overlap_secs') s"
+g "echo stop >>/run/lab/load.cmd; sleep 1; systemctl stop lab-idle" >/dev/null 2>&1
 check "the edited configuration survived the upgrade" g "grep -qx 'drain_window_secs = 10' /etc/edgegate/edgegate.toml"
 check "after the upgrade the echo works" wait_for 60 echo_round_trip b
 

@@ -18,7 +18,10 @@
 //! then a session loop that reads (recording the latency of every timestamped
 //! message), sends when its role says so, and watches [`Control`]. A storm
 //! generation bump drops the connection and reconnects at once, retrying
-//! failed attempts until it is back; a stop ends the task.
+//! failed attempts until it is back; a stop ends the task. A session the
+//! gateway ends ends the task too, unless [`Control::reconnect`] is on: then
+//! the client reconnects the same way (a handover's drain closes the old
+//! process's clients with 1001, and they come back to the new one).
 //!
 //! # Timestamps
 //! Every message a client sends starts with the wall-clock send time as a
@@ -69,7 +72,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const HISTOGRAM_MAX_US: u64 = 300_000_000;
 /// Bytes of the send timestamp at the start of every message.
 pub const TIMESTAMP_BYTES: usize = 8;
-/// Pause between failed reconnect attempts during a storm grows by this
+/// Pause between failed reconnect attempts grows by this
 /// much per attempt, up to [`RECONNECT_PAUSE_MAX`].
 const RECONNECT_PAUSE_STEP: Duration = Duration::from_millis(50);
 const RECONNECT_PAUSE_MAX: Duration = Duration::from_secs(1);
@@ -414,6 +417,9 @@ pub struct Control {
     pub publish: u64,
     /// Every client closes and ends.
     pub stop: bool,
+    /// A client whose session the other side ends reconnects at once
+    /// (instead of ending).
+    pub reconnect: bool,
 }
 
 /// Counters of one process. `live` is a gauge, the rest count up.
@@ -427,9 +433,10 @@ pub struct Counters {
     pub failed: AtomicUsize,
     /// Sessions the other side ended (not a storm, not a stop).
     pub closed: AtomicUsize,
-    /// Reconnects after a storm that succeeded.
+    /// Reconnects that succeeded (after a storm, or a close with
+    /// [`Control::reconnect`]).
     pub reconnected: AtomicUsize,
-    /// Reconnect attempts after a storm that failed (then retried).
+    /// Reconnect attempts that failed (then retried).
     pub reconnect_failures: AtomicUsize,
     /// Timestamped messages sent and received.
     pub sent: AtomicU64,
@@ -641,7 +648,14 @@ async fn client(
             SessionEnd::Stop => return,
             SessionEnd::Closed => {
                 c.closed.fetch_add(1, Ordering::Relaxed);
-                return;
+                if !control.borrow().reconnect {
+                    return;
+                }
+                drop(conn);
+                match reconnect(&target, source, path, &shared, &control).await {
+                    Some(new) => conn = new,
+                    None => return,
+                }
             }
             SessionEnd::Storm(generation) => {
                 storm_seen = generation;

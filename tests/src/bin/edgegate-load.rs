@@ -22,6 +22,10 @@
 //! | `stats` | counters, and `close_codes`: sessions the gateway closed, by close code | `{"event":"stats",...}` |
 //! | `stop` | closes every client and exits | `{"event":"done",...}` |
 //!
+//! With `--reconnect`, a client whose session the gateway ends reconnects at
+//! once (counted in `reconnected`), so a drain moves clients instead of
+//! losing them: the lab's upgrade step counts how many moved.
+//!
 //! After connecting it prints `{"event":"connected",...}`. It exits on `stop`,
 //! SIGTERM, or after `--hold-secs`. End of stdin is not a stop, so it can run
 //! without a driver.
@@ -103,6 +107,9 @@ struct Args {
     /// Runtime worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// A client the gateway closes reconnects at once instead of ending.
+    #[arg(long)]
+    reconnect: bool,
     /// Exit this long after connecting, if no `stop` came first.
     #[arg(long, default_value_t = 3600)]
     hold_secs: u64,
@@ -154,6 +161,7 @@ async fn run(args: Args, sources: Vec<std::net::IpAddr>) {
     });
     let (control_tx, control) = watch::channel(Control {
         sending: args.autostart,
+        reconnect: args.reconnect,
         ..Control::default()
     });
 
