@@ -604,10 +604,14 @@ async fn two_upgrades_in_a_row_under_steady_connects_refuse_and_reset_nothing() 
     // binary at the path is replaced before each, as a package upgrade does.
     let mut handovers = Vec::new();
     let mut waited_until = Vec::new();
+    // New clients attempted while each upgrade command ran.
+    let mut during = Vec::new();
     for round in 1..=2 {
         install_binary(&setup.binary);
         let old = *setup.pids.last().unwrap();
+        let attempted_before = tally.attempted.load(Ordering::Relaxed);
         let (code, stdout, stderr, took) = setup.upgrade(true).await;
+        during.push(tally.attempted.load(Ordering::Relaxed) - attempted_before);
         assert_eq!(
             code,
             Some(0),
@@ -669,7 +673,7 @@ async fn two_upgrades_in_a_row_under_steady_connects_refuse_and_reset_nothing() 
     let reset = tally.count(|o| matches!(o, Outcome::Reset(_)));
     let handshake = tally.count(|o| matches!(o, Outcome::Handshake(_)));
     println!(
-        "steady load across 2 upgrades: {attempted} attempted, {echoed} echoed, {going_away} closed 1001 before their echo, {refused} refused, {reset} reset, {handshake} handshake failures; {} sticky clients moved {moved} times",
+        "steady load across 2 upgrades: {attempted} attempted, {echoed} echoed, {going_away} closed 1001 before their echo, {refused} refused, {reset} reset, {handshake} handshake failures; {} sticky clients moved {moved} times; new clients during each upgrade {during:?}",
         STICKY_CLIENTS
     );
     let failures = tally.failures.lock().unwrap().clone();
@@ -679,11 +683,15 @@ async fn two_upgrades_in_a_row_under_steady_connects_refuse_and_reset_nothing() 
         setup.log()
     );
     assert_eq!(echoed + going_away, attempted);
-    // The load ran across both upgrades at its rate (a stalled generator
-    // would pass the counts above with nothing tried).
+    // The load ran across each upgrade (a stalled generator would pass the
+    // counts above with nothing tried). Each command lasts the 2 s drain
+    // window and more; at least half a second's worth of the rate is asked,
+    // not the whole rate: a starved test machine slows the generator's ticks
+    // (it once made 515 of the ~800 over the whole test), which is not what
+    // this checks.
     assert!(
-        attempted >= CONNECTS_PER_SEC * 3,
-        "only {attempted} attempted"
+        during.iter().all(|&n| n >= CONNECTS_PER_SEC / 2),
+        "new clients during each upgrade: {during:?} (of {attempted} in all)"
     );
 
     // systemd's view: main moved 1 -> 2 -> 3 by MAINPID= from the main
