@@ -5,7 +5,8 @@
 #   sudo tests/appliance/run.sh
 #
 # Runs as root on a Debian 12 machine that has only the Rust toolchain,
-# Python 3, gcc and git; it installs the rest itself (apt, cargo-deb).
+# Python 3, gcc and git; it installs the rest itself (apt, cargo-deb, and
+# cargo-about for the copyright check: packaging/copyright.sh).
 # Ends with "N passed, M failed" and exits non-zero if any check failed.
 #
 # Safety on the build machine: the host kernel is shared with the chroot, so
@@ -97,15 +98,15 @@ if ! command -v lintian >/dev/null || ! command -v debootstrap >/dev/null || ! c
 fi
 
 # ---------------------------------------------------------------------------
-step "Build the package (cargo deb -p edgegate)"
+step "Build the package (packaging/build-deb.sh: cargo deb -p edgegate, md5sums)"
 # ---------------------------------------------------------------------------
 mkdir -p "$WORK/out"
 if [ -n "${EDGEGATE_CI_DEB:-}" ]; then
     cp "$EDGEGATE_CI_DEB" "$WORK/out/" && echo "using prebuilt $EDGEGATE_CI_DEB (EDGEGATE_CI_DEB)"
-elif (cd "$REPO" && cargo deb -p edgegate --output "$WORK/out/") >"$WORK/cargo-deb.log" 2>&1; then
-    pass "cargo deb -p edgegate builds"
+elif "$REPO/packaging/build-deb.sh" --output "$WORK/out/" >"$WORK/cargo-deb.log" 2>&1; then
+    pass "packaging/build-deb.sh builds the package"
 else
-    fail "cargo deb -p edgegate builds" "see $WORK/cargo-deb.log"
+    fail "packaging/build-deb.sh builds the package" "see $WORK/cargo-deb.log"
     tail -n 30 "$WORK/cargo-deb.log"
     finish
 fi
@@ -126,6 +127,26 @@ for f in usr/bin/edgegate usr/lib/systemd/system/edgegate.service \
     check "package contains /$f" deb_has "$f"
 done
 check "/etc/edgegate/edgegate.toml is a conffile" grep -qx /etc/edgegate/edgegate.toml "$WORK/control/conffiles"
+# md5sums: every regular file of the package but the conffiles, each sum right.
+md5sums_verify() {
+    local data=$WORK/data listed files
+    rm -rf "$data" && mkdir -p "$data" && dpkg-deb -x "$DEB" "$data" || return 1
+    (cd "$data" && md5sum --quiet -c "$WORK/control/md5sums") || return 1
+    listed=$(awk '{print $2}' "$WORK/control/md5sums" | LC_ALL=C sort)
+    files=$(cd "$data" && find . -type f -printf '%P\n' | LC_ALL=C sort |
+        grep -vxF -f <(sed 's#^/##' "$WORK/control/conffiles"))
+    diff <(echo "$listed") <(echo "$files") || return 1
+    echo "$(wc -l <"$WORK/control/md5sums") files listed and verified"
+}
+check "control has md5sums" test -s "$WORK/control/md5sums"
+check "md5sums lists every file but the conffiles, each sum matches" md5sums_verify
+# The copyright file covers every crate the binary links: it is generated
+# from Cargo.lock by cargo-about (pinned; installed into the CI cache on
+# first use) and must be current.
+check "packaging/copyright is current (packaging/copyright.sh --check: cargo-about on Cargo.lock)" \
+    "$REPO/packaging/copyright.sh" --check
+check "shipped copyright is packaging/copyright" \
+    bash -c "dpkg-deb --fsys-tarfile '$DEB' | tar -xOf - ./usr/share/doc/edgegate/copyright | cmp - '$REPO/packaging/copyright'"
 check "Depends on systemd and ssl-cert" \
     bash -c "dpkg-deb -f '$DEB' Depends | tr ',' '\n' | grep -qw ssl-cert && dpkg-deb -f '$DEB' Depends | tr ',' '\n' | grep -qw systemd"
 check "shipped config is a copy of gateway/config/edgegate.toml" \
@@ -245,6 +266,14 @@ sysctl_parsed_in_root() {
 }
 check "systemd-sysctl parses every key, read-only /proc/sys tolerated" sysctl_parsed_in_root
 check "host kernel settings untouched" bash -c "[ \"\$1\" = \"\$2\" ]" _ "$HOST_SYSCTLS_BEFORE" "$(host_sysctls)"
+# dpkg keeps the package's md5sums; --verify prints a line per file that differs.
+dpkg_verify() {
+    local out
+    cmp "$WORK/control/md5sums" "$ROOT/var/lib/dpkg/info/edgegate.md5sums" || return 1
+    out=$(in_root dpkg --verify edgegate 2>&1) || { echo "$out"; return 1; }
+    [ -z "$out" ] || { echo "$out"; return 1; }
+}
+check "dpkg --verify edgegate: the installed files match the package's md5sums" dpkg_verify
 check "package installed (dpkg status)" \
     bash -c "chroot '$ROOT' dpkg-query -W -f='\${Status}' edgegate | grep -qx 'install ok installed'"
 

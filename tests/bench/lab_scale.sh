@@ -36,7 +36,7 @@ g() { lab_ssh "$VM" "$@"; }
 lab_tools || die "lab tools"
 lab_image || die "image"
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked >"$WORK/cargo-install.log" 2>&1
-(cd "$REPO" && cargo deb -p edgegate --output "$WORK/out/" >"$WORK/cargo-deb.log" 2>&1) || die "cargo deb (see $WORK/cargo-deb.log)"
+"$REPO/packaging/build-deb.sh" --output "$WORK/out/" >"$WORK/cargo-deb.log" 2>&1 || die "packaging/build-deb.sh (see $WORK/cargo-deb.log)"
 (cd "$REPO" && cargo build -q --release -p edgegate-tests --bin edgegate-load &&
     cargo build -q --release -p edgegate-link --example example_service) || die "build"
 TARGET_DIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')

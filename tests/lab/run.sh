@@ -55,14 +55,14 @@ need_here "Debian 12 lab image (cached on its inputs)" lab_image
 echo "image: $LAB_IMAGE_DIR"
 
 mkdir -p "$WORK/out" "$WORK/out2"
-build_deb() { (cd "$REPO" && cargo deb -p edgegate --output "$WORK/out/") >"$WORK/cargo-deb.log" 2>&1; }
-need "cargo deb -p edgegate builds" build_deb
+build_deb() { "$REPO/packaging/build-deb.sh" --output "$WORK/out/" >"$WORK/cargo-deb.log" 2>&1; }
+need "packaging/build-deb.sh builds the package" build_deb
 DEB=$(find "$WORK/out" -maxdepth 1 -name 'edgegate_*.deb' | head -n 1)
 VERSION=$(dpkg-deb -f "$DEB" Version)
 # The upgrade: the same tree packaged as a newer version.
 NEW_VERSION=$VERSION+lab1
-build_new_deb() { (cd "$REPO" && cargo deb -p edgegate --no-build --deb-version "$NEW_VERSION" --output "$WORK/out2/") >>"$WORK/cargo-deb.log" 2>&1; }
-need "cargo deb builds the upgrade ($NEW_VERSION)" build_new_deb
+build_new_deb() { "$REPO/packaging/build-deb.sh" --no-build --deb-version "$NEW_VERSION" --output "$WORK/out2/" >>"$WORK/cargo-deb.log" 2>&1; }
+need "packaging/build-deb.sh builds the upgrade ($NEW_VERSION)" build_new_deb
 NEW_DEB=$(find "$WORK/out2" -maxdepth 1 -name 'edgegate_*.deb' | head -n 1)
 build_tools() { (cd "$REPO" && cargo build -q -p edgegate-link --example example_service && cargo build -q -p edgegate-tests --bin edgegate-load); }
 need "example service and load generator build" build_tools
