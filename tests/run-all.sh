@@ -60,6 +60,7 @@ if [ "$ONLY" = all ]; then
     suite tlsscan-lean env EDGEGATE_TEST_TLS_STREAM=lean bash tests/hostile/tlsscan.sh
     suite autobahn bash tests/hostile/autobahn.sh
     suite ansible bash tests/ansible/run.sh
+    suite ansible-debian12 env EDGEGATE_ANSIBLE_CONTROLLER=debian12 bash tests/ansible/run.sh
     suite lab bash tests/lab/run.sh
 fi
 

@@ -2,15 +2,24 @@
 # Tests for ansible/: lint, syntax, and the playbook applied to a real
 # Debian 12 root through the community.general.chroot connection.
 #
-#   sudo tests/ansible/run.sh
+#   sudo tests/ansible/run.sh                                       current Ansible
+#   sudo EDGEGATE_ANSIBLE_CONTROLLER=debian12 tests/ansible/run.sh   Debian 12's own
+#
+# The roles support two controllers, and this suite runs with either:
+#   current   ansible 11.13.0 (core 2.18) and ansible-lint 25.12.2, pinned,
+#             from PyPI into a venv (the default);
+#   debian12  Debian 12's own packages from apt: ansible 7.7 (core 2.14) and
+#             ansible-lint 6.13, run from /usr/bin with Debian's Python.
+# tests/run-all.sh runs it once with each (suites ansible and ansible-debian12).
 #
 # Needs root (debootstrap, chroot, mount), Python 3.11 with venv/pip and the
 # Rust toolchain (to build the .deb when target/debian has none). Installs
-# the rest itself: ansible + ansible-lint from PyPI into a venv, debootstrap
-# from apt. Caches under $EDGEGATE_CI_CACHE (default /var/cache/edgegate-ci)
-# and works without the cache.
+# the rest itself: the controller (above), debootstrap from apt. Caches under
+# $EDGEGATE_CI_CACHE (default /var/cache/edgegate-ci) and works without the
+# cache.
 #
 # Environment:
+#   EDGEGATE_ANSIBLE_CONTROLLER=current|debian12   which Ansible (default current)
 #   EDGEGATE_DEB=path       use this .deb instead of target/debian/edgegate_*.deb
 #   EDGEGATE_REBUILD_DEB=1  build the .deb even when one exists
 #   EDGEGATE_CI_CACHE=dir   cache directory (venv, root tarball)
@@ -23,6 +32,10 @@ set -uo pipefail
 # community.general (the chroot connection) so nothing comes from Galaxy.
 ANSIBLE_VERSION=11.13.0       # ansible-core 2.18
 ANSIBLE_LINT_VERSION=25.12.2
+# Debian 12's: the `ansible` package (7.7, with community.general) depends on
+# ansible-core 2.14; python3-cryptography makes the test certificate.
+DEBIAN12_PACKAGES=(ansible ansible-core ansible-lint python3-cryptography)
+CONTROLLER=${EDGEGATE_ANSIBLE_CONTROLLER:-current}
 SUITE=bookworm
 # python3: Ansible's modules; python3-apt: the apt module; systemd and
 # ssl-cert: the package's dependencies (the playbook runs offline in the root).
@@ -66,21 +79,45 @@ trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------------------
 step "tools"
-VENV=$CACHE/venv-ansible-$ANSIBLE_VERSION-lint-$ANSIBLE_LINT_VERSION
-install_venv() {
-    rm -rf "$VENV"
-    python3 -m venv "$VENV" &&
-        "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-            "ansible==$ANSIBLE_VERSION" "ansible-lint==$ANSIBLE_LINT_VERSION"
-}
-venv_works() {
-    "$VENV/bin/ansible-playbook" --version >/dev/null 2>&1 &&
-        "$VENV/bin/ansible-lint" --version >/dev/null 2>&1 &&
-        "$VENV/bin/ansible-doc" -t connection community.general.chroot >/dev/null 2>&1
-}
-venv_works || install_venv >"$WORK/pip.log" 2>&1 || tail -20 "$WORK/pip.log"
-need "ansible $ANSIBLE_VERSION and ansible-lint $ANSIBLE_LINT_VERSION in a venv, with community.general.chroot" venv_works
-export PATH=$VENV/bin:$PATH
+# ansible, ansible-playbook, ansible-lint and the Python with cryptography
+# come from $BIN: the venv's bin or /usr/bin.
+case $CONTROLLER in
+current)
+    VENV=$CACHE/venv-ansible-$ANSIBLE_VERSION-lint-$ANSIBLE_LINT_VERSION
+    BIN=$VENV/bin
+    install_venv() {
+        rm -rf "$VENV"
+        python3 -m venv "$VENV" &&
+            "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+                "ansible==$ANSIBLE_VERSION" "ansible-lint==$ANSIBLE_LINT_VERSION"
+    }
+    venv_works() {
+        "$BIN/ansible-playbook" --version >/dev/null 2>&1 &&
+            "$BIN/ansible-lint" --version >/dev/null 2>&1 &&
+            "$BIN/ansible-doc" -t connection community.general.chroot >/dev/null 2>&1
+    }
+    venv_works || install_venv >"$WORK/pip.log" 2>&1 || tail -20 "$WORK/pip.log"
+    need "ansible $ANSIBLE_VERSION and ansible-lint $ANSIBLE_LINT_VERSION in a venv, with community.general.chroot" venv_works
+    ;;
+debian12)
+    BIN=/usr/bin
+    need "Debian 12's ${DEBIAN12_PACKAGES[*]} installed from apt" \
+        debian_install "$WORK/apt-ansible.log" "${DEBIAN12_PACKAGES[@]}"
+    # Debian 12's versions, not newer ones from elsewhere (backports, pip).
+    debian12_versions() {
+        "$BIN/ansible-playbook" --version | tee /dev/stderr | grep '^ansible-playbook \[core 2\.14\.' >/dev/null &&
+            NO_COLOR=1 "$BIN/ansible-lint" --nocolor --version | tee /dev/stderr | grep '^ansible-lint 6\.13\.' >/dev/null &&
+            "$BIN/ansible-doc" -t connection community.general.chroot >/dev/null
+    }
+    need "controller is Debian 12's: ansible-core 2.14, ansible-lint 6.13, community.general.chroot" debian12_versions
+    ;;
+*)
+    fail "EDGEGATE_ANSIBLE_CONTROLLER is current or debian12, not '$CONTROLLER'"
+    finish
+    ;;
+esac
+echo "controller: $CONTROLLER ($("$BIN/ansible-playbook" --version | sed -n 1p); python $("$BIN/python3" -c 'import sys; print(sys.version.split()[0])'))"
+export PATH=$BIN:$PATH
 
 need "debootstrap is installed" debian_install "$WORK/apt.log" debootstrap
 
@@ -106,13 +143,13 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 newest_deb() { ls -t "$TARGET_DIR"/debian/edgegate_*.deb 2>/dev/null | head -n 1; }
 build_deb() {
     command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --quiet || return 1
-    (cd "$REPO" && cargo deb -p edgegate) >"$WORK/cargo-deb.log" 2>&1 || { tail -30 "$WORK/cargo-deb.log"; return 1; }
+    "$REPO/packaging/build-deb.sh" >"$WORK/cargo-deb.log" 2>&1 || { tail -30 "$WORK/cargo-deb.log"; return 1; }
 }
 DEB=${EDGEGATE_DEB:-}
 if [ -z "$DEB" ]; then
     DEB=$(newest_deb)
     if [ -z "$DEB" ] || [ "${EDGEGATE_REBUILD_DEB:-0}" = 1 ]; then
-        echo "building the package: cargo deb -p edgegate"
+        echo "building the package: packaging/build-deb.sh"
         build_deb
         DEB=$(newest_deb)
     fi
@@ -141,7 +178,7 @@ need_here "/proc mounted in the root (/proc/sys read-only)" debian_mount_proc "$
 # ---------------------------------------------------------------------------
 step "inventory"
 # A test certificate for the role to install (cryptography comes with ansible).
-"$VENV/bin/python" - "$WORK" <<'PY' || fail "test certificate generated"
+"$BIN/python3" - "$WORK" <<'PY' || fail "test certificate generated"
 import datetime, sys
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -268,7 +305,7 @@ check "template declares validate: edgegate check-config" \
     grep -q 'validate: /usr/bin/edgegate check-config --config %s' "$ANSIBLE_DIR/roles/edgegate/tasks/config.yml"
 
 # Kernel settings, recomputed here from the root's facts.
-"$VENV/bin/ansible" all -i "$INVENTORY" -m ansible.builtin.setup -a 'filter=ansible_memtotal_mb' \
+"$BIN/ansible" all -i "$INVENTORY" -m ansible.builtin.setup -a 'filter=ansible_memtotal_mb' \
     >"$WORK/facts.log" 2>&1
 MEM_MB=$(grep -o '"ansible_memtotal_mb": [0-9]*' "$WORK/facts.log" | grep -o '[0-9]*$')
 PAGE=$(in_root getconf PAGESIZE)
