@@ -123,7 +123,8 @@ for f in usr/bin/edgegate usr/lib/systemd/system/edgegate.service \
     etc/edgegate/edgegate.toml usr/share/man/man1/edgegate.1.gz \
     usr/share/doc/edgegate/copyright usr/share/doc/edgegate/changelog.Debian.gz \
     usr/share/doc/edgegate/runbook.md usr/share/edgegate/monitoring/alerts.yml \
-    usr/share/lintian/overrides/edgegate; do
+    usr/share/lintian/overrides/edgegate usr/lib/edgegate/edgegate-example \
+    usr/lib/edgegate/certbot-deploy-hook usr/lib/systemd/system/edgegate-example.service; do
     check "package contains /$f" deb_has "$f"
 done
 check "/etc/edgegate/edgegate.toml is a conffile" grep -qx /etc/edgegate/edgegate.toml "$WORK/control/conffiles"
@@ -299,6 +300,12 @@ check "/usr/bin/edgegate is root-owned and 0755" \
     bash -c "[ \"\$(stat -c '%U %a' '$ROOT/usr/bin/edgegate')\" = 'root 755' ]"
 check "edgegate.service enabled (multi-user.target.wants)" \
     test -L "$ROOT/etc/systemd/system/multi-user.target.wants/edgegate.service"
+# docs/install.md, "See an echo": shipped, started by hand, never at boot.
+check "edgegate-example.service installed but not enabled" \
+    bash -c "test -f '$ROOT/usr/lib/systemd/system/edgegate-example.service' && ! find '$ROOT/etc/systemd/system' -name edgegate-example.service | grep -q ."
+for f in /usr/lib/edgegate/edgegate-example /usr/lib/edgegate/certbot-deploy-hook; do
+    check "$f is root-owned and 0755" bash -c "[ \"\$(stat -c '%U %a' '$ROOT$f')\" = 'root 755' ]"
+done
 check "edgegate --version reports $UPSTREAM_VERSION" \
     bash -c "chroot '$ROOT' /usr/bin/edgegate --version | grep -qF '$UPSTREAM_VERSION'"
 check "man edgegate renders" bash -c "zcat '$ROOT/usr/share/man/man1/edgegate.1.gz' | grep -q '^\\.TH EDGEGATE 1'"
@@ -321,11 +328,12 @@ step "systemd-analyze on the installed unit"
 in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends man-db >"$WORK/apt-man-db.log" 2>&1 <<<""
 verify_unit() {
     local out rc=0
-    out=$(in_root systemd-analyze verify /usr/lib/systemd/system/edgegate.service 2>&1) || rc=$?
+    out=$(in_root systemd-analyze verify "/usr/lib/systemd/system/$1" 2>&1) || rc=$?
     printf '%s\n' "$out"
     [ "$rc" -eq 0 ] && [ -z "$out" ]
 }
-check "systemd-analyze verify edgegate.service (exit 0, no warnings)" verify_unit
+check "systemd-analyze verify edgegate.service (exit 0, no warnings)" verify_unit edgegate.service
+check "systemd-analyze verify edgegate-example.service (exit 0, no warnings)" verify_unit edgegate-example.service
 in_root systemd-analyze security --offline=true --no-pager /usr/lib/systemd/system/edgegate.service >"$WORK/security.txt" 2>&1
 SECURITY_SCORE=$(sed -n 's/.*Overall exposure level for edgegate.service: \([0-9.]*\).*/\1/p' "$WORK/security.txt")
 echo "systemd-analyze security: ${SECURITY_SCORE:-unparsed}"
@@ -340,16 +348,45 @@ CLIENT_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
 SERVICE_PORT=$(free_port)
 T=/srv/edgegate-test
-# A test certificate for 127.0.0.1/localhost, readable by group edgegate only.
-in_root openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
-    -keyout $T/key.pem -out $T/cert.pem >"$WORK/openssl.log" 2>&1
-chown "0:$EG_GID" "$ROOT$T/key.pem" && chmod 640 "$ROOT$T/key.pem"
-check "test certificate created" test -s "$ROOT$T/cert.pem"
+TLS=$T/tls
+# Two leaf certificates (CA:FALSE, as certbot's are: rustls refuses a CA
+# certificate as a server's) for 127.0.0.1/localhost (a, then b for the reload), each in
+# a directory laid out as certbot's live/<name>/ and root-only as certbot keeps
+# it. The package's certbot deploy hook installs them for the gateway
+# (docs/install.md, "Certificates"); EDGEGATE_TLS_DIR keeps them out of
+# /etc/edgegate, which the purge below must find empty.
+make_lineage() {
+    mkdir -p "$ROOT$T/live" && mkdir -m 700 "$ROOT$T/live/$1" &&
+        in_root openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+            -subj "/CN=localhost/O=edgegate-appliance-$1" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+            -addext basicConstraints=critical,CA:FALSE \
+            -keyout "$T/live/$1/privkey.pem" -out "$T/live/$1/fullchain.pem"
+}
+make_lineage a >"$WORK/openssl.log" 2>&1 && make_lineage b >>"$WORK/openssl.log" 2>&1
+check "test certificates a and b created (certbot's live/ layout, root-only)" \
+    test -s "$ROOT$T/live/a/fullchain.pem" -a -s "$ROOT$T/live/b/fullchain.pem"
+run_hook() {
+    in_root env RENEWED_LINEAGE="$T/live/$1" EDGEGATE_TLS_DIR="$TLS" /usr/lib/edgegate/certbot-deploy-hook
+}
+hook_installs() { # LINEAGE: installed with the documented owners and modes
+    local out rc=0 modes
+    out=$(run_hook "$1" 2>&1) || rc=$?
+    echo "$out"
+    modes=$(in_root stat -c '%n %U:%G %a' "$TLS" "$TLS/fullchain.pem" "$TLS/privkey.pem")
+    echo "$modes"
+    [ "$rc" = 0 ] && grep -q 'not running' <<<"$out" &&
+        [ "$modes" = "$TLS root:root 755
+$TLS/fullchain.pem root:root 644
+$TLS/privkey.pem root:edgegate 640" ] &&
+        in_root cmp "$T/live/$1/fullchain.pem" "$TLS/fullchain.pem" &&
+        in_root cmp "$T/live/$1/privkey.pem" "$TLS/privkey.pem"
+}
+check "certbot deploy hook installs certificate a: fullchain.pem root:root 0644, privkey.pem root:edgegate 0640; no systemd here, so no reload" \
+    hook_installs a
 # The test config is the shipped one with loopback ports, the test
 # certificate, one worker, a small client cap and a 2 s drain window.
 awk -v client="127.0.0.1:$CLIENT_PORT" -v admin="127.0.0.1:$ADMIN_PORT" \
-    -v service="127.0.0.1:$SERVICE_PORT" -v cert="$T/cert.pem" -v key="$T/key.pem" '
+    -v service="127.0.0.1:$SERVICE_PORT" -v cert="$TLS/fullchain.pem" -v key="$TLS/privkey.pem" '
     /^\[/ { section = $0 }
     section == "[admin]" && /^bind *=/ { print "bind = \"" admin "\""; next }
     section == "[[listener]]" && /^bind *=/ { print "bind = \"" client "\""; next }
@@ -361,25 +398,18 @@ awk -v client="127.0.0.1:$CLIENT_PORT" -v admin="127.0.0.1:$ADMIN_PORT" \
     section == "[drain]" && /^drain_window_secs *=/ { print "drain_window_secs = 2"; next }
     section == "[drain]" && /^lb_grace_secs *=/ { print "lb_grace_secs = 0"; next }
     { print }' "$ROOT/etc/edgegate/edgegate.toml" >"$ROOT$T/edgegate.toml"
-check "edgegate check-config accepts the test config" \
-    in_root_as_edgegate /usr/bin/edgegate check-config --config $T/edgegate.toml
+# As docs/install.md says to check: as the service's user, through runuser.
+check "runuser -u edgegate -- edgegate check-config accepts the test config (the user reads the hook's files)" \
+    in_root runuser -u edgegate -- /usr/bin/edgegate check-config --config $T/edgegate.toml
 
-# The example service (from the link crate) on the host, so /echo echoes.
+# The package's example service (what edgegate-example.service runs), as
+# nobody, so /echo echoes.
+chroot --userspec=65534:65534 "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin LC_ALL=C.UTF-8 \
+    /usr/lib/edgegate/edgegate-example service --listen "127.0.0.1:$SERVICE_PORT" >"$WORK/example-service.log" 2>&1 &
+PIDS+=($!)
 SERVICE_UP=0
-if [ -f "$REPO/link/examples/example_service.rs" ]; then
-    if (cd "$REPO" && cargo build -q -p edgegate-link --example example_service) >"$WORK/example-build.log" 2>&1; then
-        target_dir=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps |
-            python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-        "$target_dir/debug/examples/example_service" --listen "127.0.0.1:$SERVICE_PORT" >"$WORK/example-service.log" 2>&1 &
-        PIDS+=($!)
-        wait_for 20 tcp_open "$SERVICE_PORT" && SERVICE_UP=1
-    fi
-    if [ "$SERVICE_UP" = 1 ]; then
-        pass "example service listening on 127.0.0.1:$SERVICE_PORT"
-    else
-        fail "example service listening on 127.0.0.1:$SERVICE_PORT" "see $WORK/example-build.log, example-service.log"
-    fi
-fi
+wait_for 20 tcp_open "$SERVICE_PORT" && SERVICE_UP=1
+check "the packaged example service listens on 127.0.0.1:$SERVICE_PORT (edgegate-example service)" test "$SERVICE_UP" = 1
 
 # systemd's side of Type=notify: a datagram socket the gateway reports to.
 mkdir -p "$ROOT/run/edgegate-test"
@@ -404,7 +434,7 @@ check "gateway listens on 127.0.0.1:$CLIENT_PORT" wait_for 5 tcp_open "$CLIENT_P
 check "gateway runs as user edgegate" \
     bash -c "[ \"\$(stat -c %u /proc/$GATEWAY_PID)\" = '$EG_UID' ]"
 
-cp "$ROOT$T/cert.pem" "$WORK/test-ca.pem"
+cp "$ROOT$T/live/a/fullchain.pem" "$WORK/test-ca.pem"
 ws_session() {
     local out expected
     # With the example service the links need a moment to come up.
@@ -423,6 +453,29 @@ if [ "$SERVICE_UP" = 1 ]; then
 else
     check "TLS WebSocket client on loopback: 101 upgrade, session closed 1013 (no service)" ws_session
 fi
+# docs/install.md, "See an echo": the packaged client, as an unprivileged
+# user, verifying the certificate against the CA it is given.
+packaged_echo() {
+    local out
+    out=$(chroot --userspec=65534:65534 "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin \
+        /usr/lib/edgegate/edgegate-example echo --connect "127.0.0.1:$CLIENT_PORT" --ca "$TLS/fullchain.pem" "hello package")
+    echo "$out"
+    [ "$out" = "hello package" ]
+}
+check "the packaged client echoes through the gateway (edgegate-example echo, certificate verified)" packaged_echo
+# A renewal: the hook installs certificate b; SIGHUP (what `systemctl reload`
+# sends after its check-config) makes new clients get it. Under systemd the
+# hook reloads by itself: the VM lab checks that (tests/lab/run.sh, step 5).
+cert_served() {
+    in_root openssl s_client -connect "127.0.0.1:$CLIENT_PORT" -servername localhost </dev/null 2>/dev/null |
+        in_root openssl x509 -noout -subject 2>/dev/null | grep -o 'edgegate-appliance-[a-z]*'
+}
+serves() { [ "$(cert_served)" = "edgegate-appliance-$1" ]; }
+check "before the renewal new clients get certificate a" serves a
+check "certbot deploy hook installs the renewal (certificate b) over a" hook_installs b
+kill -HUP "$GATEWAY_PID" 2>/dev/null
+check "after SIGHUP new clients get certificate b" wait_for 10 serves b
+cp "$ROOT$T/live/b/fullchain.pem" "$WORK/test-ca.pem"
 # The admin endpoint is checked once the gateway serves it (it is skipped,
 # not passed, while nothing listens on the admin port).
 if tcp_open "$ADMIN_PORT"; then
@@ -488,6 +541,7 @@ purged_status() {
 }
 check "purged: dpkg no longer knows edgegate (no config-files state)" purged_status
 for f in /usr/bin/edgegate /etc/edgegate /usr/lib/systemd/system/edgegate.service \
+    /usr/lib/edgegate /usr/lib/systemd/system/edgegate-example.service \
     /usr/lib/sysctl.d/60-edgegate.conf /usr/lib/sysusers.d/edgegate.conf \
     /usr/share/man/man1/edgegate.1.gz /usr/share/doc/edgegate \
     /etc/systemd/system/multi-user.target.wants/edgegate.service; do

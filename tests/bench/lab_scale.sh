@@ -37,8 +37,8 @@ lab_tools || die "lab tools"
 lab_image || die "image"
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked >"$WORK/cargo-install.log" 2>&1
 "$REPO/packaging/build-deb.sh" --output "$WORK/out/" >"$WORK/cargo-deb.log" 2>&1 || die "packaging/build-deb.sh (see $WORK/cargo-deb.log)"
-(cd "$REPO" && cargo build -q --release -p edgegate-tests --bin edgegate-load &&
-    cargo build -q --release -p edgegate-link --example example_service) || die "build"
+# The example service comes with the package (edgegate-example.service).
+(cd "$REPO" && cargo build -q --release -p edgegate-tests --bin edgegate-load) || die "build"
 TARGET_DIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 export GNUPGHOME=$WORK/gnupg
 mkdir -p -m 700 "$GNUPGHOME"
@@ -48,8 +48,6 @@ lab_boot "$VM" "$MEM_MIB" "$CPUS" || die "boot"
 BOOT_SECS=$LAB_BOOT_SECS
 lab_use_repo "$VM" "$WORK/repo" "$WORK/lab.gpg" || die "repository in the guest"
 g "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q edgegate" >"$WORK/apt.log" 2>&1 || die "apt install"
-lab_put "$VM" "$TARGET_DIR/release/examples/example_service" /usr/local/bin/edgegate-example-service
-lab_put "$VM" "$REPO/tests/lab/edgegate-example.service" /etc/systemd/system/
 lab_put "$VM" "$TARGET_DIR/release/edgegate-load" /usr/local/bin/edgegate-load
 MAX=$(tr ',' '\n' <<<"$STEPS" | sort -n | tail -n 1)
 # The operator's settings for this host: tcp_mem for its memory, room for
@@ -57,7 +55,7 @@ MAX=$(tr ',' '\n' <<<"$STEPS" | sort -n | tail -n 1)
 g "edgegate tune --write >/dev/null && systemctl restart systemd-sysctl &&
    sed -i -e 's|^max_clients = .*|max_clients = $((MAX + 10000))|' -e 's|^worker_threads = .*|worker_threads = $CPUS|' \
        -e 's|^drain_window_secs = .*|drain_window_secs = 60|' -e 's|^lb_grace_secs = .*|lb_grace_secs = 0|' /etc/edgegate/edgegate.toml &&
-   systemctl daemon-reload && systemctl enable --now edgegate-example.service && systemctl restart edgegate" ||
+   systemctl start edgegate-example.service && systemctl restart edgegate" ||
     die "configure"
 for _ in $(seq 60); do g curl -fsS http://127.0.0.1:7611/readyz >/dev/null 2>&1 && break; sleep 2; done
 g curl -fsS http://127.0.0.1:7611/readyz >/dev/null || die "gateway not ready"

@@ -64,8 +64,9 @@ NEW_VERSION=$VERSION+lab1
 build_new_deb() { "$REPO/packaging/build-deb.sh" --no-build --deb-version "$NEW_VERSION" --output "$WORK/out2/" >>"$WORK/cargo-deb.log" 2>&1; }
 need "packaging/build-deb.sh builds the upgrade ($NEW_VERSION)" build_new_deb
 NEW_DEB=$(find "$WORK/out2" -maxdepth 1 -name 'edgegate_*.deb' | head -n 1)
-build_tools() { (cd "$REPO" && cargo build -q -p edgegate-link --example example_service && cargo build -q -p edgegate-tests --bin edgegate-load); }
-need "example service and load generator build" build_tools
+# The example service comes with the package (/usr/lib/edgegate/edgegate-example).
+build_tools() { (cd "$REPO" && cargo build -q -p edgegate-tests --bin edgegate-load); }
+need "load generator builds" build_tools
 TARGET_DIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 LOAD=$TARGET_DIR/debug/edgegate-load
 
@@ -174,20 +175,42 @@ check "tune --check compares the unit's LimitNOFILE, not the ssh shell's" tune_w
 # ---------------------------------------------------------------------------
 step "2. Echo through the installed gateway and an example service unit"
 # ---------------------------------------------------------------------------
-lab_put "$VM" "$TARGET_DIR/debug/examples/example_service" /usr/local/bin/edgegate-example-service
-lab_put "$VM" "$HERE/edgegate-example.service" /etc/systemd/system/
-gq systemctl daemon-reload
-check "example service unit starts" g systemctl enable --now edgegate-example.service
-# The operator's edits: a certificate for localhost, a short drain.
-gq mkdir -p /etc/edgegate/tls
-lab_put "$VM" "$WORK/a.pem" /etc/edgegate/tls/cert.pem
-lab_put "$VM" "$WORK/a.key" /etc/edgegate/tls/key.pem
-gq "chown root:edgegate /etc/edgegate/tls/key.pem && chmod 640 /etc/edgegate/tls/key.pem"
-gq "sed -i -e 's|^tls_cert_path = .*|tls_cert_path = \"/etc/edgegate/tls/cert.pem\"|' \
-    -e 's|^tls_key_path = .*|tls_key_path = \"/etc/edgegate/tls/key.pem\"|' \
+# docs/install.md, "See an echo": the two commands, on the fresh install
+# (Debian's snakeoil certificate, made for this VM's name at install).
+check "edgegate-example.service is shipped disabled" test "$(g systemctl is-enabled edgegate-example.service)" = disabled
+check "sudo systemctl start edgegate-example (the packaged example service)" g systemctl start edgegate-example
+fresh_echo() {
+    local out
+    out=$(g /usr/lib/edgegate/edgegate-example echo hello)
+    echo "$out"
+    [ "$out" = hello ]
+}
+check "/usr/lib/edgegate/edgegate-example echo hello prints hello (snakeoil certificate verified)" fresh_echo
+# The operator's edits: a certificate for localhost as certbot would leave it
+# (/etc/letsencrypt/live/<name>/, root-only), installed by the package's
+# deploy hook (docs/install.md, "Certificates"), and a short drain.
+put_lineage() { # NAME: certificate NAME as certbot's renewal of lineage "lab"
+    gq "mkdir -p -m 700 /etc/letsencrypt/live/lab" &&
+        lab_put "$VM" "$WORK/$1.pem" /etc/letsencrypt/live/lab/fullchain.pem &&
+        lab_put "$VM" "$WORK/$1.key" /etc/letsencrypt/live/lab/privkey.pem
+}
+deploy_hook() { g RENEWED_LINEAGE=/etc/letsencrypt/live/lab /usr/lib/edgegate/certbot-deploy-hook; }
+put_lineage a
+hook_installs_a() {
+    local modes
+    deploy_hook || return 1
+    modes=$(g stat -c "'%n %U:%G %a'" /etc/edgegate/tls/fullchain.pem /etc/edgegate/tls/privkey.pem)
+    echo "$modes"
+    [ "$modes" = "/etc/edgegate/tls/fullchain.pem root:root 644
+/etc/edgegate/tls/privkey.pem root:edgegate 640" ]
+}
+check "the certbot deploy hook installs certificate a (privkey.pem root:edgegate 0640) and reloads" hook_installs_a
+gq "sed -i -e 's|^tls_cert_path = .*|tls_cert_path = \"/etc/edgegate/tls/fullchain.pem\"|' \
+    -e 's|^tls_key_path = .*|tls_key_path = \"/etc/edgegate/tls/privkey.pem\"|' \
     -e 's|^lb_grace_secs = .*|lb_grace_secs = 2|' -e 's|^drain_window_secs = .*|drain_window_secs = 10|' \
     -e 's|^max_clients = .*|max_clients = 5000|' /etc/edgegate/edgegate.toml"
-check "check-config accepts the edited config" g edgegate check-config --config /etc/edgegate/edgegate.toml
+check "check-config as user edgegate accepts the edited config (runuser, as docs/install.md says)" \
+    g runuser -u edgegate -- edgegate check-config --config /etc/edgegate/edgegate.toml
 check "systemctl restart edgegate" g systemctl restart edgegate
 readyz() { g curl -fsS http://127.0.0.1:7611/readyz; }
 check "/readyz answers 200 once the links to the example service are up" wait_for 60 readyz
@@ -268,23 +291,29 @@ cert_served() { # prints the organisation of the certificate a new client gets
 }
 serves() { [ "$(cert_served)" = "edgegate-lab-$1" ]; }
 check "before the reload new clients get certificate a" serves a
-lab_put "$VM" "$WORK/b.pem" /etc/edgegate/tls/cert.pem
-lab_put "$VM" "$WORK/b.key" /etc/edgegate/tls/key.pem
+# A renewal: certbot's new files, then its deploy hook, which reloads.
+put_lineage b
 MAIN_PID=$(unit_prop MainPID)
-check "systemctl reload edgegate succeeds" g systemctl reload edgegate
-check "after the reload new clients get certificate b" wait_for 10 serves b
+hook_reloads() { deploy_hook | tee /dev/stderr | grep 'reloaded edgegate.service' >/dev/null; }
+check "the certbot deploy hook installs certificate b and reloads (systemctl reload)" hook_reloads
+check "after the hook's reload new clients get certificate b" wait_for 10 serves b
 STATS=$(load_stats)
 echo "    $STATS"
 check "no client dropped by the reload (1000 live, 0 closed)" \
     test "$(stat_field "$STATS" 'live == 1000 and closed == 0')" = True
 check "reload kept the process (MainPID $MAIN_PID)" test "$(unit_prop MainPID)" = "$MAIN_PID"
-# A reload with a broken file must fail where the operator looks.
-gq cp /etc/edgegate/tls/cert.pem /root/cert.good
-lab_put "$VM" "$WORK/garbage.pem" /etc/edgegate/tls/cert.pem
-check "systemctl reload with a garbage certificate fails (non-zero exit)" not g systemctl reload edgegate
+# A reload with a broken file must fail where the operator looks: a renewal
+# the gateway refuses fails the hook (certbot reports it) and the hook puts
+# the previous pair back, so a later restart still starts.
+gq cp /etc/edgegate/tls/fullchain.pem /root/cert.good
+lab_put "$VM" "$WORK/garbage.pem" /etc/letsencrypt/live/lab/fullchain.pem
+check "the deploy hook with a garbage certificate fails (systemctl reload refused it)" not deploy_hook
+check "the hook put certificate b back in /etc/edgegate/tls" g cmp /root/cert.good /etc/edgegate/tls/fullchain.pem
 check "after the refused reload the gateway still runs, same PID, serving certificate b" \
     bash -c "[ '$(unit_prop MainPID)' = '$MAIN_PID' ] && [ '$(cert_served)' = edgegate-lab-b ]"
-gq cp /root/cert.good /etc/edgegate/tls/cert.pem
+lab_put "$VM" "$WORK/garbage.pem" /etc/edgegate/tls/fullchain.pem
+check "systemctl reload with a garbage certificate fails (non-zero exit)" not g systemctl reload edgegate
+gq cp /root/cert.good /etc/edgegate/tls/fullchain.pem
 
 # ---------------------------------------------------------------------------
 step "7. systemctl stop with 1000 clients"
@@ -329,26 +358,61 @@ echo "    new MainPID $(unit_prop MainPID) after $WD_SECS s"
 check "the journal says it was the watchdog" watchdog_fired
 
 # ---------------------------------------------------------------------------
-step "8. A broken certificate does not crash-loop"
+step "8. A broken certificate or config file does not crash-loop"
 # ---------------------------------------------------------------------------
-lab_put "$VM" "$WORK/garbage.pem" /etc/edgegate/tls/cert.pem
-gq systemctl reset-failed edgegate
-g systemctl restart edgegate >/dev/null 2>&1
-# Give a loop time to show: RestartSec=5 s, five starts would take ~25 s.
-sleep 20
+# docs/install.md, "When the service will not start": exit 78, no restart,
+# the journal names the file and the line or reason; fixed, it starts again
+# after reset-failed.
 stays_failed() {
     local out
     out=$(g systemctl show -p NRestarts -p ActiveState -p ExecMainStatus edgegate)
     echo "$out"
     grep -qx NRestarts=0 <<<"$out" && grep -qx ActiveState=failed <<<"$out" && grep -qx ExecMainStatus=78 <<<"$out"
 }
-check "the unit stays failed, not restarting (NRestarts=0, ActiveState=failed, exit 78)" stays_failed
-names_cert() { g journalctl -u edgegate -b --no-pager -n 30 | grep -F /etc/edgegate/tls/cert.pem; }
-check "the journal says which certificate is wrong" names_cert
-gq cp /root/cert.good /etc/edgegate/tls/cert.pem
-gq systemctl reset-failed edgegate
-starts_again() { g systemctl start edgegate && [ "$(g systemctl is-active edgegate)" = active ]; }
-check "with the certificate fixed the unit starts again" starts_again
+# The journal of the last start (since the restart below) contains every PATTERN.
+journal_names() {
+    local j pattern
+    j=$(g journalctl -u edgegate -b --no-pager --since "@$BROKEN_SINCE")
+    for pattern in "$@"; do
+        grep -F -- "$pattern" <<<"$j" || { echo "journal lacks: $pattern"; return 1; }
+    done
+}
+broken_restart() { # gives a loop time to show: RestartSec=5 s, five starts ~25 s
+    gq systemctl reset-failed edgegate
+    BROKEN_SINCE=$(g date +%s)
+    g systemctl restart edgegate >/dev/null 2>&1
+    sleep "$1"
+}
+starts_again() {
+    gq systemctl reset-failed edgegate
+    g systemctl start edgegate && [ "$(g systemctl is-active edgegate)" = active ]
+}
+lab_put "$VM" "$WORK/garbage.pem" /etc/edgegate/tls/fullchain.pem
+broken_restart 20
+check "a garbage certificate: the unit stays failed, not restarting (NRestarts=0, ActiveState=failed, exit 78)" stays_failed
+check "the journal says which certificate is wrong" journal_names /etc/edgegate/tls/fullchain.pem
+gq cp /root/cert.good /etc/edgegate/tls/fullchain.pem
+check "with the certificate fixed the unit starts again (reset-failed, start)" starts_again
+
+# A typo'd key in the configuration file.
+gq cp /etc/edgegate/edgegate.toml /root/edgegate.toml.good
+gq "sed -i 's/^max_clients = /max_clientz = /' /etc/edgegate/edgegate.toml"
+TYPO_LINE=$(g grep -n '^max_clientz = ' /etc/edgegate/edgegate.toml | cut -d: -f1)
+broken_restart 12
+check "a typo'd key (max_clientz, line $TYPO_LINE): the unit stays failed, not restarting (NRestarts=0, exit 78)" stays_failed
+check "the journal names the file, the line ($TYPO_LINE) and the key" \
+    journal_names /etc/edgegate/edgegate.toml "line $TYPO_LINE" max_clientz
+gq cp /root/edgegate.toml.good /etc/edgegate/edgegate.toml
+check "with the key fixed the unit starts again (reset-failed, start)" starts_again
+
+# A key file the edgegate user cannot read.
+gq chmod 000 /etc/edgegate/tls/privkey.pem
+broken_restart 12
+check "an unreadable key file (chmod 000): the unit stays failed, not restarting (NRestarts=0, exit 78)" stays_failed
+check "the journal names the key file and why (permission denied)" \
+    journal_names /etc/edgegate/tls/privkey.pem "ermission denied"
+gq chmod 640 /etc/edgegate/tls/privkey.pem
+check "with the key readable again the unit starts again (reset-failed, start)" starts_again
 
 # ---------------------------------------------------------------------------
 step "9. apt upgrade to $NEW_VERSION: a handover under steady connects, with idle clients"
@@ -453,13 +517,16 @@ step "10. apt purge"
 apt_purge() { g 'DEBIAN_FRONTEND=noninteractive apt-get purge -y edgegate' >"$WORK/apt-purge.log" 2>&1; }
 check "apt-get purge edgegate" apt_purge
 check "no edgegate process is left" not g pgrep -x edgegate
+check "the example service was stopped (prerm), no edgegate-example process is left" \
+    not g pgrep -f /usr/lib/edgegate/edgegate-example
 for f in /usr/bin/edgegate /usr/lib/systemd/system/edgegate.service /usr/lib/sysctl.d/60-edgegate.conf \
+    /usr/lib/edgegate /usr/lib/systemd/system/edgegate-example.service \
     /usr/lib/sysusers.d/edgegate.conf /etc/edgegate/edgegate.toml /etc/systemd/system/multi-user.target.wants/edgegate.service; do
     check "purged: $f gone" not g test -e "$f"
 done
 # docs/install.md: purge removes /etc/edgegate unless you added files there;
 # the system user stays; applied kernel settings stay until the next boot.
-kept_certs() { g test -f /etc/edgegate/tls/cert.pem && grep 'kept /etc/edgegate' "$WORK/apt-purge.log"; }
+kept_certs() { g test -f /etc/edgegate/tls/fullchain.pem && grep 'kept /etc/edgegate' "$WORK/apt-purge.log"; }
 check "purge keeps the operator's certificates in /etc/edgegate/tls and says so" kept_certs
 check "purge keeps the system user edgegate" g getent passwd edgegate
 check "applied kernel settings stay until the next boot" \
