@@ -38,7 +38,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::debug;
 
 use crate::close::CloseReason;
-use crate::config::{Protocol, TlsStreamKind};
+use crate::config::{Protocol, TlsStreamKind, WsCodec};
 use crate::framed::FramedClient;
 use crate::links::{LinkHandle, ServicePool};
 use crate::metrics::Phase;
@@ -46,6 +46,7 @@ use crate::outbox::ClientHandle;
 use crate::state::{Settings, Shared};
 use crate::tls::{ReloadableAcceptor, ServerTls};
 use crate::wire::lean_tls::LeanTlsStream;
+use crate::wire::ws_stream::WsStream;
 
 /// Bound on the close handshake once a close frame is sent.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -79,6 +80,8 @@ pub struct ListenerCtx {
     pub tls: ReloadableAcceptor,
     /// Which TLS stream the clients get (`tls_stream`).
     pub tls_stream: TlsStreamKind,
+    /// Which WebSocket codec the clients get (`ws_codec`).
+    pub ws_codec: WsCodec,
     /// The path answered by readiness instead of routed (`health_path`).
     pub health_path: Option<Box<str>>,
     /// The handshake permits shared by every listener (see `listener::accept_loop`).
@@ -100,6 +103,9 @@ type ClientTls = Box<ServerTls>;
 /// (~1.5 KB) live in one heap block instead of being laid out again in every
 /// future that passes them along.
 type ClientWs = Box<tokio_tungstenite::WebSocketStream<ServerTls>>;
+/// The client's WebSocket on our own codec (`ws_codec = "edgegate"`), boxed
+/// for the same reason.
+type ClientEdgeWs = Box<WsStream<ServerTls>>;
 /// A framed-protocol client, boxed for the same reason.
 type ClientFramed = Box<FramedClient<ServerTls>>;
 
@@ -116,6 +122,14 @@ trait ClientStream:
 }
 
 impl ClientStream for ClientWs {
+    const PROTOCOL: Protocol = Protocol::WebSocket;
+
+    fn tls(&mut self) -> &mut ServerTls {
+        self.get_mut()
+    }
+}
+
+impl ClientStream for ClientEdgeWs {
     const PROTOCOL: Protocol = Protocol::WebSocket;
 
     fn tls(&mut self) -> &mut ServerTls {
@@ -163,13 +177,32 @@ pub async fn serve(
     // task (measured +144 bytes per client).
     let reason = match protocol {
         Protocol::WebSocket => {
-            let (ws, admission) = match Box::pin(upgrade_phase(tls, ctx, &settings)).await {
+            let (tls, rest, admission) = match Box::pin(upgrade_phase(tls, ctx, &settings)).await {
                 Ok(upgraded) => upgraded,
                 Err(Ended) => return,
             };
             session_started(shared, protocol, started);
             let pool = ctx.services[admission.service].clone();
-            run_session(ws, id, slot.addr, admission, &pool, shared, &settings).await
+            // Bytes the client sent after its request are its first frames.
+            match ctx.ws_codec {
+                WsCodec::Tungstenite => {
+                    let ws: ClientWs = Box::new(
+                        Box::pin(tokio_tungstenite::WebSocketStream::from_partially_read(
+                            *tls,
+                            rest,
+                            tokio_tungstenite::tungstenite::protocol::Role::Server,
+                            Some(settings.ws_config),
+                        ))
+                        .await,
+                    );
+                    run_session(ws, id, slot.addr, admission, &pool, shared, &settings).await
+                }
+                WsCodec::Edgegate => {
+                    let max = settings.limits.max_message_bytes;
+                    let ws: ClientEdgeWs = Box::new(WsStream::new(*tls, rest, max));
+                    run_session(ws, id, slot.addr, admission, &pool, shared, &settings).await
+                }
+            }
         }
         Protocol::Framed => {
             let (client, admission) = match Box::pin(hello_phase(tls, ctx, &settings)).await {
@@ -422,13 +455,15 @@ enum NoUpgrade {
 /// anything that is not a WebSocket upgrade gets an HTTP answer like a web
 /// server's (`400`, `404`, `405`, `426`, `431`, `401`/`403` from auth, each
 /// with a short body and `Connection: close`) instead of a reset; the
-/// handshake itself (`create_response`) and the frame codec are
-/// tungstenite's. The error names the phase that refused.
+/// handshake itself (`create_response`) is tungstenite's. Returns the TLS
+/// stream and the bytes the client sent after its request (its first
+/// frames), for the listener's `ws_codec`. The error names the phase that
+/// refused.
 async fn upgrade_phase(
     mut tls: ClientTls,
     ctx: &ListenerCtx,
     settings: &Settings,
-) -> Result<(ClientWs, Admission), Ended> {
+) -> Result<(ClientTls, Vec<u8>, Admission), Ended> {
     let opened = timeout(settings.limits.upgrade_timeout, async {
         let (request, rest) = read_request(&mut tls).await?;
         if ctx.health_path.as_deref() == Some(request.uri().path()) {
@@ -444,17 +479,7 @@ async fn upgrade_phase(
     })
     .await;
     match opened {
-        Ok(Ok((admission, rest))) => {
-            // Bytes the client sent after its request are its first frames.
-            let ws = tokio_tungstenite::WebSocketStream::from_partially_read(
-                *tls,
-                rest,
-                tokio_tungstenite::tungstenite::protocol::Role::Server,
-                Some(settings.ws_config),
-            )
-            .await;
-            Ok((Box::new(ws), admission))
-        }
+        Ok(Ok((admission, rest))) => Ok((tls, rest, admission)),
         Ok(Err(NoUpgrade::Refused(refusal))) => {
             debug!(status = %refusal.response.status(), phase = refusal.phase.as_str(), "upgrade refused");
             // Counted before the answer, so whoever reads it sees the count.

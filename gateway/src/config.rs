@@ -120,6 +120,8 @@ pub struct RawListener {
     pub tls_key_path: PathBuf,
     #[serde(default = "default_tls_stream")]
     pub tls_stream: String,
+    #[serde(default = "default_ws_codec")]
+    pub ws_codec: String,
     #[serde(default)]
     pub health_path: Option<String>,
 }
@@ -130,6 +132,10 @@ fn default_protocol() -> String {
 
 fn default_tls_stream() -> String {
     TlsStreamKind::Rustls.as_str().into()
+}
+
+fn default_ws_codec() -> String {
+    WsCodec::Tungstenite.as_str().into()
 }
 
 fn default_backlog() -> u32 {
@@ -342,6 +348,25 @@ impl TlsStreamKind {
     }
 }
 
+/// Which WebSocket codec a listener's clients use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsCodec {
+    /// tokio-tungstenite.
+    Tungstenite,
+    /// Our own (`wire::ws`): holds no buffer while a client is idle.
+    Edgegate,
+}
+
+impl WsCodec {
+    /// The value in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WsCodec::Tungstenite => "tungstenite",
+            WsCodec::Edgegate => "edgegate",
+        }
+    }
+}
+
 /// What a listener speaks after TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -368,6 +393,7 @@ pub struct ListenerConfig {
     pub tls_cert_path: PathBuf,
     pub tls_key_path: PathBuf,
     pub tls_stream: TlsStreamKind,
+    pub ws_codec: WsCodec,
     /// A path answered 200/503 by readiness instead of routed (websocket
     /// listeners only), for load balancers that probe only the client port.
     pub health_path: Option<String>,
@@ -468,6 +494,9 @@ impl Config {
             }
             if l.tls_stream != old.tls_stream {
                 keys.push(format!("listener.{name}.tls_stream"));
+            }
+            if l.ws_codec != old.ws_codec {
+                keys.push(format!("listener.{name}.ws_codec"));
             }
             if l.health_path != old.health_path {
                 keys.push(format!("listener.{name}.health_path"));
@@ -782,6 +811,17 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        let ws_codec = match l.ws_codec.as_str() {
+            "tungstenite" => WsCodec::Tungstenite,
+            "edgegate" => WsCodec::Edgegate,
+            other => {
+                return Err(invalid(
+                    path,
+                    key("ws_codec"),
+                    format!("{other:?}: expected \"tungstenite\" or \"edgegate\""),
+                ))
+            }
+        };
         if let Some(h) = &l.health_path {
             if protocol != Protocol::WebSocket {
                 return Err(invalid(
@@ -808,6 +848,7 @@ fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             tls_cert_path: l.tls_cert_path.clone(),
             tls_key_path: l.tls_key_path.clone(),
             tls_stream,
+            ws_codec,
             health_path: l.health_path.clone(),
             routes: HashMap::new(),
         });
@@ -1191,6 +1232,22 @@ addresses = ["127.0.0.1:7000"]
             .to_string();
         assert!(err.contains("listener[0].tls_stream"), "{err}");
         assert!(err.contains("\"rustls\" or \"lean\""), "{err}");
+    }
+
+    #[test]
+    fn ws_codec_defaults_to_tungstenite_and_takes_edgegate() {
+        let dir = tempdir("ws-codec");
+        let c = Config::from_toml(Path::new("t.toml"), &sample(&dir), []).unwrap();
+        assert_eq!(c.listeners[0].ws_codec, WsCodec::Tungstenite);
+        let text = sample(&dir).replace("tls_key_path", "ws_codec = \"edgegate\"\ntls_key_path");
+        let c = Config::from_toml(Path::new("t.toml"), &text, []).unwrap();
+        assert_eq!(c.listeners[0].ws_codec, WsCodec::Edgegate);
+        let text = sample(&dir).replace("tls_key_path", "ws_codec = \"fastws\"\ntls_key_path");
+        let err = Config::from_toml(Path::new("t.toml"), &text, [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener[0].ws_codec"), "{err}");
+        assert!(err.contains("\"tungstenite\" or \"edgegate\""), "{err}");
     }
 
     #[test]

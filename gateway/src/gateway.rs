@@ -314,11 +314,12 @@ impl Gateway {
                 services: pools.clone(),
                 tls: ReloadableAcceptor::new(tls),
                 tls_stream: l.tls_stream,
+                ws_codec: l.ws_codec,
                 health_path: l.health_path.as_deref().map(Box::from),
                 permits: permits.clone(),
                 shared: shared.clone(),
             });
-            info!(listener = %l.name, %addr, protocol = l.protocol.as_str(), backlog = l.backlog, tls_stream = l.tls_stream.as_str(), "listening");
+            info!(listener = %l.name, %addr, protocol = l.protocol.as_str(), backlog = l.backlog, tls_stream = l.tls_stream.as_str(), ws_codec = l.ws_codec.as_str(), "listening");
             accept_tasks.push(tokio::spawn(accept_loop(
                 listener,
                 ctx.clone(),

@@ -15,7 +15,7 @@
 //! (checked by `tests/tools/import_graph.py`, layers in
 //! `tests/tools/import_graph.toml`).
 //! - [`wire`]: byte-level codecs with no gateway state: the lean TLS stream,
-//!   the WebSocket frame codec (not yet used by clients, issue 30).
+//!   the WebSocket frame codec and its client stream (`ws_codec`).
 //! - [`runtime`]: the explicitly built Tokio runtime, `RLIMIT_NOFILE`.
 //! - [`logging`]: journald when stderr is the journal, plain stderr otherwise.
 //! - [`process`]: resident memory, open fds, jemalloc statistics.

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 
 /// The variable that picks every test listener's TLS stream.
 pub const TLS_STREAM_ENV: &str = "EDGEGATE_TEST_TLS_STREAM";
+/// The variable that picks every test listener's WebSocket codec.
+pub const WS_CODEC_ENV: &str = "EDGEGATE_TEST_WS_CODEC";
 
 /// A minimal gateway config; [`MinimalGateway::toml`] writes it.
 ///
@@ -17,7 +19,8 @@ pub const TLS_STREAM_ENV: &str = "EDGEGATE_TEST_TLS_STREAM";
 ///
 /// With `EDGEGATE_TEST_TLS_STREAM` set (`lean`, `rustls`), the listener gets
 /// that `tls_stream` unless the test sets its own: the whole suite runs on
-/// either TLS stream (the `rust-lean` suite of `tests/run-all.sh`).
+/// either TLS stream (the `rust-lean` suite of `tests/run-all.sh`). The same
+/// for `EDGEGATE_TEST_WS_CODEC` (`tungstenite`, `edgegate`) and `ws_codec`.
 #[derive(Debug, Clone)]
 pub struct MinimalGateway {
     /// `[admin] bind`.
@@ -97,6 +100,13 @@ impl MinimalGateway {
             .any(|line| line.split('=').next().unwrap_or("").trim() == "tls_stream");
         if let (false, Ok(kind)) = (own_stream, std::env::var(TLS_STREAM_ENV)) {
             let _ = writeln!(t, "tls_stream = \"{kind}\"");
+        }
+        let own_codec = self
+            .listener_keys
+            .iter()
+            .any(|line| line.split('=').next().unwrap_or("").trim() == "ws_codec");
+        if let (false, Ok(codec)) = (own_codec, std::env::var(WS_CODEC_ENV)) {
+            let _ = writeln!(t, "ws_codec = \"{codec}\"");
         }
         for path in &self.routes {
             let _ = write!(

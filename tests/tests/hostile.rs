@@ -958,12 +958,17 @@ async fn broken_websocket_frames_are_closed_with_the_right_code_and_nothing_is_f
     // tungstenite answers a close with a reserved code itself (1002) and hands
     // the gateway a close: the service hears `ClientClose{1002}` and the
     // reason label is `client`; every other case is the gateway's decision.
+    // Our codec (`ws_codec = "edgegate"`) refuses that close as the protocol
+    // error it is.
+    let edgegate_codec =
+        std::env::var(edgegate_tests::fixture::WS_CODEC_ENV).is_ok_and(|codec| codec == "edgegate");
+    let client_closes = if edgegate_codec { 0.0 } else { 1.0 };
     let too_big = cases.iter().filter(|c| c.2 == 1009).count() as f64;
     assert_eq!(closed(&gw, "message_too_big"), too_big);
-    assert_eq!(closed(&gw, "client"), 1.0);
+    assert_eq!(closed(&gw, "client"), client_closes);
     assert_eq!(
         closed(&gw, "protocol_error"),
-        cases.len() as f64 - too_big - 1.0
+        cases.len() as f64 - too_big - client_closes
     );
     assert_eq!(gw.metric("edgegate_client_messages_in_total", ""), 0.0);
 }
@@ -1024,6 +1029,32 @@ async fn invalid_utf8_in_the_first_fragment_of_a_text_message_is_refused_at_once
     assert_eq!(closed(&gw, "protocol_error"), 1.0);
     settle(&gw, WAIT).await;
     assert_eq!(messages(&drain_events(&mut service).await), 0);
+}
+
+/// A listener with `ws_codec = "edgegate"` runs our codec, which refuses a
+/// frame length not in its shortest form (tungstenite takes it): the switch
+/// reaches the client, and a well-formed message on the same listener still
+/// goes through to the service.
+#[tokio::test]
+async fn the_edgegate_codec_refuses_a_length_not_in_its_shortest_form() {
+    let mut service = EventService::start().await;
+    let gw = GatewayBuilder::new(service.addr)
+        .links(1)
+        .limit("max_message_bytes", 1024)
+        .listener_key("ws_codec", "\"edgegate\"")
+        .start()
+        .await;
+    let mut s = raw_websocket(&gw).await;
+    s.write_all(&client_frame(OP_TEXT, b"fine")).await.unwrap();
+    // "hi" with its length in the 16-bit form.
+    let mut long_form = vec![0x81, 0x80 | 126, 0, 2, 1, 2, 3, 4];
+    long_form.extend([b'h' ^ 1, b'i' ^ 2]);
+    s.write_all(&long_form).await.unwrap();
+    let (end, _) = read_end(&mut s, WAIT).await;
+    assert!(matches!(end, End::Close(1002)), "{end:?}");
+    assert_eq!(closed(&gw, "protocol_error"), 1.0);
+    settle(&gw, WAIT).await;
+    assert_eq!(messages(&drain_events(&mut service).await), 1);
 }
 
 /// A client that pings often but within the budget is never closed by it:

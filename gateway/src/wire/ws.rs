@@ -22,11 +22,13 @@
 //! [`Decoder::decode`]; only what must survive stays with the client.
 //!
 //! # What is built so far
-//! The decoder and the frame encoder, with their tests. Nothing in the
-//! gateway uses them yet: clients still speak through tungstenite. Still to
-//! come (issue 30): the stream adapter behind a per-listener switch (pongs,
-//! the close handshake and writes are its job, not this module's), the
-//! Autobahn conformance run, then permessage-deflate. Until deflate is
+//! The decoder and the frame encoder, with their tests, and a client stream
+//! on them ([`ws_stream`](super::ws_stream): pongs, the close handshake and
+//! writes are its job, not this module's) that a listener picks with
+//! `ws_codec = "edgegate"`; tungstenite stays the default. Still to come
+//! (issue 30): the Autobahn conformance run, outbound queues of frames
+//! encoded once per publish (today the stream encodes each message per
+//! client, as tungstenite does), then permessage-deflate. Until deflate is
 //! negotiated a frame with any RSV bit set is refused.
 //!
 //! # What a client holds
@@ -48,11 +50,11 @@
 //!   a negotiated extension; a reserved opcode; a length not in its shortest
 //!   form, or a 64-bit length with its top bit set; a control frame longer
 //!   than 125 bytes or fragmented; a continuation outside a message, or a new
-//!   message inside one; a close frame with a 1-byte payload, a code not
-//!   allowed on the wire (RFC 6455 7.4) or a reason that is not UTF-8.
+//!   message inside one; a close frame with a 1-byte payload or a code not
+//!   allowed on the wire (RFC 6455 7.4).
 //! - 1007: a text message that is not UTF-8, found at the first byte that
 //!   cannot start or continue a valid sequence (a code point cut by a
-//!   fragment or a read is waited for).
+//!   fragment or a read is waited for); a close reason that is not UTF-8.
 //! - 1009: a data message longer than `max_message_bytes`, refused on the
 //!   header of the frame that would pass it, before any of its payload is
 //!   buffered.
@@ -160,11 +162,11 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// The close code the connection is failed with (RFC 6455 7.4.1):
-    /// 1007 for text that is not UTF-8, 1009 for a message over the limit,
-    /// 1002 for every other violation.
+    /// 1007 for text (a message or a close reason) that is not UTF-8, 1009
+    /// for a message over the limit, 1002 for every other violation.
     pub fn close_code(self) -> u16 {
         match self {
-            DecodeError::InvalidUtf8 => 1007,
+            DecodeError::InvalidUtf8 | DecodeError::CloseReasonNotUtf8 => 1007,
             DecodeError::MessageTooBig => 1009,
             _ => 1002,
         }
@@ -236,6 +238,11 @@ impl Decoder {
     /// between messages, so whenever the client is idle.
     pub fn held_bytes(&self) -> usize {
         self.message.capacity() + self.control.capacity()
+    }
+
+    /// The longest data message accepted.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
     }
 
     /// Whether a close frame or an error ended the input.

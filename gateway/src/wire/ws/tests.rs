@@ -426,7 +426,7 @@ fn a_close_reason_that_is_not_utf8_is_refused() {
     payload.extend_from_slice(b"\xCE\xBA\xE1\xBD\xB9\xED\xA0\x80");
     let input = frame(OpCode::Close, true, &payload);
     assert_eq!(decode(&input), refused(DecodeError::CloseReasonNotUtf8));
-    assert_eq!(DecodeError::CloseReasonNotUtf8.close_code(), 1002);
+    assert_eq!(DecodeError::CloseReasonNotUtf8.close_code(), 1007);
 }
 
 #[test]
