@@ -397,7 +397,8 @@ check "with the certificate fixed the unit starts again (reset-failed, start)" s
 # A typo'd key in the configuration file.
 gq cp /etc/edgegate/edgegate.toml /root/edgegate.toml.good
 gq "sed -i 's/^max_clients = /max_clientz = /' /etc/edgegate/edgegate.toml"
-TYPO_LINE=$(g grep -n '^max_clientz = ' /etc/edgegate/edgegate.toml | cut -d: -f1)
+# One string: ssh joins its arguments, so the pattern's quotes must reach the guest's shell.
+TYPO_LINE=$(g "grep -n '^max_clientz = ' /etc/edgegate/edgegate.toml" | cut -d: -f1)
 broken_restart 12
 check "a typo'd key (max_clientz, line $TYPO_LINE): the unit stays failed, not restarting (NRestarts=0, exit 78)" stays_failed
 check "the journal names the file, the line ($TYPO_LINE) and the key" \
