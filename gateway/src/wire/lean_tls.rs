@@ -58,9 +58,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// largest size (16 KiB of plaintext plus header, content type, tag and what
 /// TLS 1.2 may add), so a full record never needs two reads.
 const READ_BYTES: usize = 16 * 1024 + 2048 + 5;
-/// Plaintext taken by one `poll_write`: one full record. Bounds what a client
-/// whose socket is full keeps in `unsent` to about this much.
-const WRITE_BYTES: usize = 16 * 1024;
+/// Plaintext taken by one `poll_write` (four full records), as much as
+/// tokio-rustls takes (rustls's 64 KiB buffer limit). Bounds what a client
+/// whose socket is full keeps in `unsent` to about this much. Not less:
+/// tungstenite drains what a write took from the front of its out buffer,
+/// so writing one message costs its length squared over this; at one record
+/// (16 KiB) an 18 MiB message took seconds of memmove on a worker and
+/// starved the service's link past its ping timeout.
+const WRITE_BYTES: usize = 4 * RECORD_PLAINTEXT;
+/// The most plaintext one TLS record carries.
+const RECORD_PLAINTEXT: usize = 16 * 1024;
 /// Bytes a record adds to its plaintext, rounded up: header 5, TLS 1.2
 /// explicit nonce 8, tag 16, TLS 1.3 content type 1.
 const RECORD_OVERHEAD: usize = 64;
@@ -384,8 +391,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> LeanTlsStream<IO> {
     /// Encrypts `plaintext` into the scratch buffer and writes it to the
     /// socket; what the socket does not take goes to `unsent`.
     fn encrypt_and_send(&mut self, cx: &mut Context<'_>, plaintext: &[u8]) -> io::Result<()> {
-        let mut out_len =
-            plaintext.len() + (plaintext.len() / WRITE_BYTES + 1) * RECORD_OVERHEAD + OUT_SLACK;
+        let mut out_len = plaintext.len()
+            + (plaintext.len() / RECORD_PLAINTEXT + 1) * RECORD_OVERHEAD
+            + OUT_SLACK;
         loop {
             let Self { io, conn, held } = &mut *self;
             let stop = with_scratch(out_len, |out| {

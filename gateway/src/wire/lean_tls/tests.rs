@@ -171,6 +171,31 @@ async fn one_large_server_write_arrives_whole() {
     assert_eq!(server.held_bytes(), 0);
 }
 
+/// One `poll_write` takes as much plaintext as tokio-rustls does, so a
+/// writer that drains its own buffer from the front after each write
+/// (tungstenite) stays cheap on large messages. At 16 KiB a write (the old
+/// value) an 18 MiB WebSocket message starved a service link past its ping
+/// timeout (`an_example_service_with_a_larger_frame_cap_echoes_what_the_gateway_allows`).
+#[tokio::test]
+async fn one_write_takes_as_much_as_tokio_rustls() {
+    let (server, client) = tls13();
+    let (mut client, mut server) = pair(server, client, 1024 * 1024).await;
+    let message = pattern(1024 * 1024);
+    let took = timeout(BOUND, server.write(&message))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(took, super::WRITE_BYTES);
+    assert!(took >= 64 * 1024, "one write took {took} bytes");
+    server.shutdown().await.unwrap();
+    let received = read_to_end(&mut client).await.unwrap();
+    assert!(
+        received == message[..took],
+        "{} bytes received",
+        received.len()
+    );
+}
+
 #[tokio::test]
 async fn client_close_notify_ends_reads_and_the_server_can_still_answer() {
     let (server, client) = tls13();
