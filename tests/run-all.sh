@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every EdgeGate test: the Rust workspace (unit, integration, CLI, link
-# protocol, load-generator smoke), again with every test listener on the lean
-# TLS stream (`tls_stream = "lean"`, through EDGEGATE_TEST_TLS_STREAM), the
-# WebSocket integration tests again on our own codec (`ws_codec = "edgegate"`,
-# through EDGEGATE_TEST_WS_CODEC), then the appliance (.deb in a fresh Debian
-# root), monitoring, TLS scan (on both TLS streams), Autobahn WebSocket
-# conformance (on both TLS streams), Ansible and lab (a Debian 12 VM) suites.
+# protocol, load-generator smoke) on the default TLS stream (`tls_stream =
+# "lean"`), again with every test listener on the fallback stream
+# (`"rustls"`, through EDGEGATE_TEST_TLS_STREAM), the WebSocket integration
+# tests again on our own codec (`ws_codec = "edgegate"`, through
+# EDGEGATE_TEST_WS_CODEC), then the appliance (.deb in a fresh Debian root),
+# monitoring, TLS scan (on both TLS streams), Autobahn WebSocket conformance
+# (on both TLS streams), Ansible and lab (a Debian 12 VM) suites.
 # Must run as root on Debian 12; each suite installs what it needs itself.
 #
 #   tests/run-all.sh            everything
@@ -52,7 +53,7 @@ suite() {
 # The guards (fmt, clippy, import graph, doc links) run in every mode, before the tests.
 suite lint bash tests/tools/lint.sh
 suite rust cargo test --workspace --locked
-suite rust-lean env EDGEGATE_TEST_TLS_STREAM=lean cargo test --workspace --locked
+suite rust-rustls env EDGEGATE_TEST_TLS_STREAM=rustls cargo test --workspace --locked
 # tests/core.rs is left out until the codec is fast in debug builds: its
 # 18 MiB echo, decoded unoptimised on the test's one thread, can starve the
 # link's 3 s ping timeout on a loaded machine (issue 30).
@@ -62,7 +63,7 @@ if [ "$ONLY" = all ]; then
     suite appliance bash tests/appliance/run.sh
     suite monitoring bash tests/monitoring/run.sh
     suite tlsscan bash tests/hostile/tlsscan.sh
-    suite tlsscan-lean env EDGEGATE_TEST_TLS_STREAM=lean bash tests/hostile/tlsscan.sh
+    suite tlsscan-rustls env EDGEGATE_TEST_TLS_STREAM=rustls bash tests/hostile/tlsscan.sh
     suite autobahn bash tests/hostile/autobahn.sh
     suite ansible bash tests/ansible/run.sh
     suite ansible-debian12 env EDGEGATE_ANSIBLE_CONTROLLER=debian12 bash tests/ansible/run.sh

@@ -131,7 +131,7 @@ fn default_protocol() -> String {
 }
 
 fn default_tls_stream() -> String {
-    TlsStreamKind::Rustls.as_str().into()
+    TlsStreamKind::Lean.as_str().into()
 }
 
 fn default_ws_codec() -> String {
@@ -331,10 +331,12 @@ pub struct RuntimeConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsStreamKind {
     /// tokio-rustls over rustls's buffered connection: keeps a 4 KiB read
-    /// buffer per client, idle or not.
+    /// buffer per client, idle or not. The fallback, kept while the lean
+    /// stream is new.
     Rustls,
     /// Our own stream over rustls's caller-buffered connection
-    /// (`wire::lean_tls`): holds no buffer while a client is idle.
+    /// (`wire::lean_tls`): holds no buffer while a client is idle. The
+    /// default.
     Lean,
 }
 
@@ -1137,7 +1139,7 @@ addresses = ["127.0.0.1:7000"]
             .replace("bind = \"127.0.0.1:0\"", "bind = \"127.0.0.1:9\"")
             .replace("127.0.0.1:7000", "127.0.0.1:7001")
             .replace("path = \"/echo\"", "path = \"/chat\"")
-            .replace("tls_key_path", "tls_stream = \"lean\"\ntls_key_path");
+            .replace("tls_key_path", "tls_stream = \"rustls\"\ntls_key_path");
         let added = format!(
             "{moved}\n[[listener]]\nname = \"second\"\nbind = \"127.0.0.1:0\"\ntls_cert_path = \"{0}\"\ntls_key_path = \"{0}\"\n[runtime]\nworker_threads = 7\n",
             dir.join("cert.pem").display()
@@ -1214,13 +1216,13 @@ addresses = ["127.0.0.1:7000"]
     }
 
     #[test]
-    fn tls_stream_defaults_to_rustls_and_takes_lean() {
+    fn tls_stream_defaults_to_lean_and_takes_rustls() {
         let dir = tempdir("tls-stream");
         let c = Config::from_toml(Path::new("t.toml"), &sample(&dir), []).unwrap();
-        assert_eq!(c.listeners[0].tls_stream, TlsStreamKind::Rustls);
-        let text = sample(&dir).replace("tls_key_path", "tls_stream = \"lean\"\ntls_key_path");
-        let c = Config::from_toml(Path::new("t.toml"), &text, []).unwrap();
         assert_eq!(c.listeners[0].tls_stream, TlsStreamKind::Lean);
+        let text = sample(&dir).replace("tls_key_path", "tls_stream = \"rustls\"\ntls_key_path");
+        let c = Config::from_toml(Path::new("t.toml"), &text, []).unwrap();
+        assert_eq!(c.listeners[0].tls_stream, TlsStreamKind::Rustls);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 # directly.
 #
 #   tests/hostile/tlsscan.sh        (root for apt-get; the rest needs no root)
-#   EDGEGATE_TEST_TLS_STREAM=lean tests/hostile/tlsscan.sh   the same on the lean TLS stream
+#   EDGEGATE_TEST_TLS_STREAM=rustls tests/hostile/tlsscan.sh   the same on the fallback TLS stream
 #
 # Last line: "N passed, M failed"; exits non-zero if anything failed.
 set -uo pipefail
@@ -53,8 +53,9 @@ cargo build --quiet -p edgegate --bin edgegate && cargo build --quiet -p edgegat
 check "edgegate and example_service build" $?
 BIN=$(cargo metadata --format-version 1 --no-deps 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug
 
-# Which TLS stream the scanned listener uses (docs/config.md, `tls_stream`).
-TLS_STREAM=${EDGEGATE_TEST_TLS_STREAM:-rustls}
+# Which TLS stream the scanned listener uses (docs/config.md, `tls_stream`;
+# "lean" is the default).
+TLS_STREAM=${EDGEGATE_TEST_TLS_STREAM:-lean}
 echo "tls_stream = $TLS_STREAM"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

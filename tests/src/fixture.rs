@@ -19,8 +19,9 @@ pub const WS_CODEC_ENV: &str = "EDGEGATE_TEST_WS_CODEC";
 ///
 /// With `EDGEGATE_TEST_TLS_STREAM` set (`lean`, `rustls`), the listener gets
 /// that `tls_stream` unless the test sets its own: the whole suite runs on
-/// either TLS stream (the `rust-lean` suite of `tests/run-all.sh`). The same
-/// for `EDGEGATE_TEST_WS_CODEC` (`tungstenite`, `edgegate`) and `ws_codec`.
+/// either TLS stream (unset: the default, `lean`; the `rust-rustls` suite of
+/// `tests/run-all.sh` runs it on the fallback). The same for
+/// `EDGEGATE_TEST_WS_CODEC` (`tungstenite`, `edgegate`) and `ws_codec`.
 #[derive(Debug, Clone)]
 pub struct MinimalGateway {
     /// `[admin] bind`.
