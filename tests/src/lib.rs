@@ -367,16 +367,20 @@ impl GatewayBuilder {
         }
         g.listener_keys
             .extend(self.listener_keys.iter().map(|(k, v)| format!("{k} = {v}")));
-        g.service_keys = [
-            "ping_interval_secs = 1",
-            "ping_timeout_secs = 3",
-            "reconnect_min_ms = 20",
-            "reconnect_max_ms = 200",
-        ]
-        .map(String::from)
-        .into_iter()
-        .chain(self.service_keys.iter().map(|(k, v)| format!("{k} = {v}")))
-        .collect();
+        // Fast link defaults for tests; a test's own `service_key` replaces
+        // the default of the same name (TOML refuses a key given twice).
+        let defaults = [
+            ("ping_interval_secs", "1"),
+            ("ping_timeout_secs", "3"),
+            ("reconnect_min_ms", "20"),
+            ("reconnect_max_ms", "200"),
+        ];
+        g.service_keys = defaults
+            .iter()
+            .filter(|(k, _)| !self.service_keys.iter().any(|(own, _)| own == k))
+            .map(|(k, v)| format!("{k} = {v}"))
+            .chain(self.service_keys.iter().map(|(k, v)| format!("{k} = {v}")))
+            .collect();
         let mut after = String::new();
         for (section, kv) in [
             ("limits", &self.limits),

@@ -254,6 +254,11 @@ async fn a_message_over_the_services_frame_cap_closes_that_client_alone() {
         .links(1)
         .limit("max_message_bytes", TWENTY_MIB)
         .service_key("max_frame_bytes", TWENTY_MIB_CAP)
+        // Moving 18 MiB through an unoptimised build on one test thread can
+        // keep that thread from the link's pongs for seconds on a loaded
+        // host; this test is about the big message, not the link heartbeat.
+        .service_key("ping_interval_secs", 10)
+        .service_key("ping_timeout_secs", 60)
         .start()
         .await;
     let mut bystander = gw.connect("/echo").await;
@@ -284,6 +289,11 @@ async fn an_example_service_with_a_larger_frame_cap_echoes_what_the_gateway_allo
         .links(1)
         .limit("max_message_bytes", TWENTY_MIB)
         .service_key("max_frame_bytes", TWENTY_MIB_CAP)
+        // Moving 18 MiB through an unoptimised build on one test thread can
+        // keep that thread from the link's pongs for seconds on a loaded
+        // host; this test is about the big message, not the link heartbeat.
+        .service_key("ping_interval_secs", 10)
+        .service_key("ping_timeout_secs", 60)
         .start()
         .await;
     let mut bystander = gw.connect("/echo").await;
