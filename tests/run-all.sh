@@ -54,10 +54,7 @@ suite() {
 suite lint bash tests/tools/lint.sh
 suite rust cargo test --workspace --locked
 suite rust-rustls env EDGEGATE_TEST_TLS_STREAM=rustls cargo test --workspace --locked
-# tests/core.rs is left out until the codec is fast in debug builds: its
-# 18 MiB echo, decoded unoptimised on the test's one thread, can starve the
-# link's 3 s ping timeout on a loaded machine (issue 30).
-suite rust-ws-codec env EDGEGATE_TEST_WS_CODEC=edgegate cargo test --locked -p edgegate-tests --test hostile --test links --test admin
+suite rust-ws-codec env EDGEGATE_TEST_WS_CODEC=edgegate cargo test --locked -p edgegate-tests --test core --test hostile --test links --test admin
 suite bench-smoke bash tests/bench/smoke.sh
 if [ "$ONLY" = all ]; then
     suite appliance bash tests/appliance/run.sh
