@@ -19,22 +19,6 @@
 # Exits non-zero (with pip's output on stderr) when the venv cannot be made.
 set -euo pipefail
 KOSOKU_VERSION=0.1.0
-CACHE=${EDGEGATE_CI_CACHE:-/var/tmp/edgegate-ci}
-VENV=$CACHE/venv-autobahn-kosoku-$KOSOKU_VERSION
-mkdir -p "$CACHE"
-# Two runs at once: one makes the venv, the other waits for it.
-exec 9>"$CACHE/venv-autobahn.lock"
-flock 9
-if ! "$VENV/bin/python" -c 'import kosoku' 2>/dev/null; then
-    rm -rf "$VENV"
-    {
-        python3 -m venv "$VENV" &&
-            "$VENV/bin/pip" install --quiet --disable-pip-version-check "kosoku==$KOSOKU_VERSION"
-    } >"$CACHE/venv-autobahn.log" 2>&1 || {
-        cat "$CACHE/venv-autobahn.log" >&2
-        echo "autobahn-client.sh: cannot install kosoku $KOSOKU_VERSION from PyPI into $VENV" >&2
-        rm -rf "$VENV"
-        exit 1
-    }
-fi
-echo "$VENV/bin/kosoku"
+venv=$("$(dirname "${BASH_SOURCE[0]}")/pip-venv.sh" "autobahn-kosoku-$KOSOKU_VERSION" \
+    "kosoku==$KOSOKU_VERSION" kosoku)
+echo "$venv/bin/kosoku"
